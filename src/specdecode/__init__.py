@@ -1,0 +1,18 @@
+"""specdecode: lossless speculative decoding for Hugging Face causal LMs."""
+
+from .engine import Engine, GenerationResult, GenerationStats, GenerationStream
+from .errors import InvalidArgument, ModelLoadError, SpecDecodeError
+from .sampling import SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Engine",
+    "GenerationResult",
+    "GenerationStats",
+    "GenerationStream",
+    "InvalidArgument",
+    "ModelLoadError",
+    "SamplingParams",
+    "SpecDecodeError",
+]

@@ -1,0 +1,314 @@
+"""Our own compact implementation of the Llama family (Llama 1/2/3, Mistral, Qwen2, SmolLM).
+
+Why our own: the decoding loop needs things a generic model API makes slow or impossible — a
+preallocated KV cache where rolling back a rejected draft is moving a pointer, explicit positions
+and an arbitrary attention mask over the block (tree drafts), logits only for the rows asked for,
+and skipping any attention or MLP sub-layer (self-speculative drafting). The math follows
+transformers' implementation step for step, so logits agree with it (tested in float32).
+
+Loads a Hugging Face folder directly: config.json + *.safetensors (sharded or not).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from ..errors import ModelLoadError, UnsupportedModel
+from .base import Backend, SkipSet
+
+# model_type -> whether q/k/v projections carry a bias regardless of `attention_bias`
+SUPPORTED_MODEL_TYPES = {"llama": False, "mistral": False, "qwen2": True}
+STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
+
+
+@dataclass
+class NativeConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    sliding_windows: list[int | None]  # per layer; None = full attention
+    inv_freq: torch.Tensor
+    rope_attention_scaling: float
+    torch_dtype: torch.dtype | None
+
+    @classmethod
+    def from_folder(cls, path: Path) -> "NativeConfig":
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except FileNotFoundError:
+            raise ModelLoadError(f"model folder {str(path)!r} has no config.json") from None
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModel(
+                f"the native backend supports model types {sorted(SUPPORTED_MODEL_TYPES)}, "
+                f"not {model_type!r} (use backend='hf')"
+            )
+        from transformers import AutoConfig
+
+        try:
+            hf = AutoConfig.from_pretrained(str(path))
+        except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+            raise ModelLoadError(f"cannot read {path / 'config.json'}: {e}") from None
+        rope = dict(getattr(hf, "rope_parameters", None) or {})
+        rope_type = rope.get("rope_type", "default")
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise UnsupportedModel(
+                f"the native backend supports RoPE types {sorted(STATIC_ROPE_TYPES)}, "
+                f"not {rope_type!r} (use backend='hf')"
+            )
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        if rope_type == "default":
+            base = rope["rope_theta"]
+            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+            scaling = 1.0
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"))
+        layer_types = getattr(hf, "layer_types", None) or ["full_attention"] * hf.num_hidden_layers
+        window = getattr(hf, "sliding_window", None)
+        if model_type == "mistral":
+            windows = [window] * hf.num_hidden_layers
+        else:
+            windows = [window if t == "sliding_attention" else None for t in layer_types]
+        attention_bias = bool(getattr(hf, "attention_bias", False))
+        dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, None)
+        return cls(
+            model_type=model_type,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=hf.num_attention_heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.rms_norm_eps,
+            max_position_embeddings=hf.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            qkv_bias=SUPPORTED_MODEL_TYPES[model_type] or attention_bias,
+            o_bias=attention_bias and model_type == "llama",
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            sliding_windows=windows,
+            inv_freq=inv_freq.float(),
+            rope_attention_scaling=float(scaling),
+            torch_dtype=dtype if isinstance(dtype, torch.dtype) else None,
+        )
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As transformers: normalise in float32, cast back, then scale.
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class _Layer:
+    """Weights of one decoder layer. q/k/v and gate/up are fused: one matmul each."""
+
+    def __init__(self, t: dict[str, torch.Tensor], cfg: NativeConfig):
+        self.attn_norm = t["input_layernorm.weight"]
+        self.mlp_norm = t["post_attention_layernorm.weight"]
+        self.wqkv = torch.cat([t[f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        self.bqkv = torch.cat([t[f"self_attn.{n}_proj.bias"] for n in "qkv"]) if cfg.qkv_bias else None
+        self.wo = t["self_attn.o_proj.weight"]
+        self.bo = t["self_attn.o_proj.bias"] if cfg.o_bias else None
+        self.w_gate_up = torch.cat([t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"]])
+        self.b_gate_up = (
+            torch.cat([t["mlp.gate_proj.bias"], t["mlp.up_proj.bias"]]) if cfg.mlp_bias else None
+        )
+        self.w_down = t["mlp.down_proj.weight"]
+        self.b_down = t["mlp.down_proj.bias"] if cfg.mlp_bias else None
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"model folder {str(path)!r} has no *.safetensors weights")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    tensors[k] = st.get_tensor(k)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise ModelLoadError(f"cannot read weights {f}: {e}") from None
+    return tensors
+
+
+class NativeBackend(Backend):
+    name = "native"
+    supports_tree = True
+    supports_skip = True
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        max_length: int | None = None,
+    ):
+        path = Path(path)
+        self.config = cfg = NativeConfig.from_folder(path)
+        self.device = torch.device(device)
+        self.dtype = dtype or cfg.torch_dtype or torch.float32
+        self.vocab_size = cfg.vocab_size
+        self.max_length = min(max_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+
+        raw = _load_tensors(path)
+        get = self._getter(raw, path)
+        self.embed = get("model.embed_tokens.weight")
+        self.norm = get("model.norm.weight")
+        if cfg.tie_word_embeddings:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = get("lm_head.weight")
+        self.layers = []
+        for i in range(cfg.num_layers):
+            prefix = f"model.layers.{i}."
+            names = [k[len(prefix):] for k in raw if k.startswith(prefix)]
+            try:
+                self.layers.append(_Layer({n: get(prefix + n) for n in names}, cfg))
+            except KeyError as e:
+                raise ModelLoadError(f"weights in {str(path)!r} lack tensor {prefix}{e.args[0]}") from None
+        del raw
+
+        # RoPE tables for every position, in float32, cast like transformers does.
+        pos = torch.arange(self.max_length, dtype=torch.float32)
+        freqs = torch.outer(pos, cfg.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self._cos = (emb.cos() * cfg.rope_attention_scaling).to(self.device, self.dtype)
+        self._sin = (emb.sin() * cfg.rope_attention_scaling).to(self.device, self.dtype)
+
+        shape = (cfg.num_layers, cfg.num_kv_heads, self.max_length, cfg.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.length = 0
+        self._scale = 1.0 / math.sqrt(cfg.head_dim)
+        self._q_size = cfg.num_heads * cfg.head_dim
+        self._kv_size = cfg.num_kv_heads * cfg.head_dim
+
+    def _getter(self, raw: dict[str, torch.Tensor], path: Path):
+        def get(name: str) -> torch.Tensor:
+            if name not in raw:
+                raise ModelLoadError(f"weights in {str(path)!r} lack tensor {name!r}")
+            return raw[name].to(self.device, self.dtype)
+
+        return get
+
+    # ---- cache management -------------------------------------------------------------------
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.length = length  # entries past the pointer are simply overwritten later
+
+    def keep(self, start: int, rows: list[int]) -> None:
+        if rows != list(range(len(rows))):
+            src = torch.tensor(rows, device=self.device) + start
+            dst = slice(start, start + len(rows))
+            self.k_cache[:, :, dst] = self.k_cache[:, :, src]
+            self.v_cache[:, :, dst] = self.v_cache[:, :, src]
+        self.length = start + len(rows)
+
+    # ---- forward ------------------------------------------------------------------------------
+    def _mask(
+        self, start: int, n: int, positions: torch.Tensor, tree_mask: torch.Tensor | None, window: int | None
+    ) -> torch.Tensor | None:
+        """Bool mask [n, start + n]: True where a block token may attend."""
+        if n == 1 and tree_mask is None and (window is None or start < window):
+            return None  # one new token sees the whole cache: no mask needed
+        block = tree_mask if tree_mask is not None else torch.ones(n, n, dtype=torch.bool).tril_()
+        mask = torch.cat([torch.ones(n, start, dtype=torch.bool), block.to("cpu", torch.bool)], dim=1)
+        mask = mask.to(self.device)
+        if window is not None:
+            # Sliding window on positions, as transformers: keep keys with q_pos - k_pos < window.
+            key_pos = torch.cat([torch.arange(start, device=self.device), positions])
+            mask &= (positions[:, None] - key_pos[None, :]) < window
+        return mask
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        tree_mask: torch.Tensor | None = None,
+        skip: SkipSet | None = None,
+        logits_rows: torch.Tensor | slice | None = slice(None),
+    ) -> torch.Tensor | None:
+        cfg = self.config
+        n = int(input_ids.shape[0])
+        start = self.length
+        if start + n > self.max_length:
+            raise ValueError(f"context overflow: {start} cached + {n} new > {self.max_length} tokens")
+        input_ids = input_ids.to(self.device)
+        if positions is None:
+            positions = torch.arange(start, start + n, device=self.device)
+        else:
+            positions = positions.to(self.device)
+        cos = self._cos[positions].unsqueeze(0)  # [1, n, hd]
+        sin = self._sin[positions].unsqueeze(0)
+        masks: dict[int | None, torch.Tensor | None] = {}
+        skip_attn = skip.attention if skip else frozenset()
+        skip_mlp = skip.mlp if skip else frozenset()
+
+        x = F.embedding(input_ids, self.embed)  # [n, D]
+        end = start + n
+        for i, layer in enumerate(self.layers):
+            if i not in skip_attn:
+                h = _rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+                qkv = F.linear(h, layer.wqkv, layer.bqkv)
+                q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
+                q = _rotate(q.view(n, cfg.num_heads, cfg.head_dim).transpose(0, 1), cos, sin)
+                k = _rotate(k.view(n, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1), cos, sin)
+                self.k_cache[i, :, start:end] = k
+                self.v_cache[i, :, start:end] = v.view(n, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
+                window = cfg.sliding_windows[i]
+                if window not in masks:
+                    masks[window] = self._mask(start, n, positions, tree_mask, window)
+                attn = F.scaled_dot_product_attention(
+                    q.unsqueeze(0),
+                    self.k_cache[i, :, :end].unsqueeze(0),
+                    self.v_cache[i, :, :end].unsqueeze(0),
+                    attn_mask=masks[window],
+                    scale=self._scale,
+                    enable_gqa=cfg.num_heads != cfg.num_kv_heads,
+                )
+                x = x + F.linear(attn[0].transpose(0, 1).reshape(n, self._q_size), layer.wo, layer.bo)
+            if i not in skip_mlp:
+                h = _rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
+                gate, up = F.linear(h, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
+                x = x + F.linear(F.silu(gate) * up, layer.w_down, layer.b_down)
+        self.length = end
+        if logits_rows is None:
+            return None
+        x = _rms_norm(x[logits_rows], self.norm, cfg.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()

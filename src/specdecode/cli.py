@@ -1,0 +1,141 @@
+"""The ``specdecode`` command line: a thin layer over the Python API.
+
+Each subcommand lives with its feature; this module only gathers them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+from .errors import SpecDecodeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Lossless speculative decoding for Hugging Face causal LMs: faster generation, identical output.",
+)
+
+
+def fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def method_options(options: list[str] | None) -> dict:
+    """``--option key=value`` pairs -> keyword arguments (values parsed as JSON when they can be)."""
+    out = {}
+    for item in options or []:
+        if "=" not in item:
+            fail(f"--option: expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip().replace("-", "_")] = value
+    return out
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text (a user message with --chat)."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model folder or known name."),
+    method: str = typer.Option("vanilla", help="Decoding method: vanilla, sps, pld, ..."),
+    draft_model: Optional[str] = typer.Option(None, help="Draft model for --method sps."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as a user message in the chat template."),
+    max_new_tokens: int = typer.Option(128, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples (lossless speculative sampling)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass, in (0, 1]."),
+    top_k: int = typer.Option(0, help="Sample among the k most likely tokens (0 = off)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    stop: Optional[list[str]] = typer.Option(None, help="Stop string (repeatable)."),
+    draft_length: Optional[int] = typer.Option(None, help="Tokens drafted per step (method default if unset)."),
+    adaptive: Optional[bool] = typer.Option(None, "--adaptive/--fixed", help="Adapt the draft length to acceptance."),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="Method option key=value (repeatable)."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    backend: str = typer.Option("auto", help="auto (native when supported), native or hf."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token ids, statistics)."),
+):
+    """Generate text and print it with a one-line summary."""
+    from .engine import Engine
+
+    try:
+        engine = Engine.from_pretrained(
+            model, method, draft_model=draft_model, backend=backend, dtype=dtype, device=device,
+            draft_length=draft_length, adaptive=adaptive, **method_options(option),
+        )  # fmt: skip
+        request = [{"role": "user", "content": prompt}] if chat else prompt
+        args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
+        if as_json:
+            result = engine.generate(request, **args)
+            print(json.dumps({"model": model, "method": method, **result.to_dict()}))
+            return
+        stream = engine.stream(request, **args)
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        s = stream.result.stats
+        typer.secho(
+            f"[{method}] {s.new_tokens} tokens in {s.total_time:.2f}s = {s.tokens_per_second:.1f} tok/s | "
+            f"mean accepted tokens {s.mean_accepted_tokens:.2f} | target forwards {s.target_forwards}",
+            err=True, fg=typer.colors.CYAN,
+        )  # fmt: skip
+    except (SpecDecodeError, TypeError) as e:
+        fail(str(e))
+
+
+@app.command()
+def pull(
+    names: list[str] = typer.Argument(None, help="Known model names (default: smollm2-135m)."),
+    force: bool = typer.Option(False, help="Download and convert again even if cached."),
+):
+    """Put known models into the local cache ($SPECDECODE_MODELS or ~/.cache/specdecode/models)."""
+    from .hub import DEFAULT_MODEL, KNOWN_MODELS, pull as pull_model
+
+    for name in names or [DEFAULT_MODEL]:
+        if name not in KNOWN_MODELS:
+            fail(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
+        try:
+            print(pull_model(name, force=force))
+        except SpecDecodeError as e:
+            fail(str(e))
+
+
+@app.command("models")
+def list_models():
+    """List the known model names and whether each is in the cache."""
+    from .hub import KNOWN_MODELS, models_dir
+
+    for m in KNOWN_MODELS.values():
+        here = (models_dir() / m.name / "config.json").exists()
+        print(f"{m.name:22} {'cached ' if here else 'not yet'}  {m.description}")
+
+
+def _register_optional_commands() -> None:
+    """Subcommands of other features register here (bench, serve, tune)."""
+    import importlib
+
+    for module in ("specdecode.bench.cli", "specdecode.server.cli", "specdecode.swift.cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and module.startswith(e.name):
+                continue  # the feature is not there (yet)
+            raise
+        mod.register(app)
+
+
+_register_optional_commands()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

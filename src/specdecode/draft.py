@@ -1,0 +1,126 @@
+"""What a drafter proposes: a token tree rooted at the last accepted token (a chain is a tree
+with one branch), and the verification that decides how much of it the target keeps.
+
+Node i has token ``tokens[i]`` and parent ``parents[i]`` (-1: the root, i.e. the last token of
+the sequence, not yet in the target's cache). Nodes are in topological order (parents first).
+In the verification forward, row 0 is the root and row i + 1 is node i; the logits of a row
+predict the token after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling import SamplingParams, probabilities, sample
+
+
+@dataclass
+class Draft:
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    # Per node, the distribution its token was drawn from (given its earlier siblings were
+    # drawn and removed), or None for a deterministic proposal (treated as one-hot).
+    probs: list[torch.Tensor | None] | None = None
+
+    @classmethod
+    def chain(cls, tokens: list[int], probs: list[torch.Tensor | None] | None = None) -> "Draft":
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)), probs)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def is_chain(self) -> bool:
+        return all(p == i - 1 for i, p in enumerate(self.parents))
+
+    def depths(self) -> list[int]:
+        """Depth of each node (children of the root have depth 1)."""
+        d: list[int] = []
+        for p in self.parents:
+            d.append(1 if p < 0 else d[p] + 1)
+        return d
+
+    def tree_mask(self) -> torch.Tensor:
+        """[n + 1, n + 1] bool over (root, nodes...): True where row may attend to column."""
+        n = len(self.tokens)
+        mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+        mask[:, 0] = True
+        mask[0, 0] = True
+        for i, p in enumerate(self.parents):
+            row = i + 1
+            if p >= 0:
+                mask[row] = mask[p + 1]
+            mask[row, row] = True
+        return mask
+
+    def children(self) -> dict[int, list[int]]:
+        kids: dict[int, list[int]] = {}
+        for i, p in enumerate(self.parents):
+            kids.setdefault(p, []).append(i)
+        return kids
+
+
+def verify_greedy(draft: Draft, logits: torch.Tensor) -> tuple[list[int], int]:
+    """Longest root path whose every token is the target's argmax; then the target's own token.
+
+    Returns (accepted node indices along the path, the next token).
+    """
+    preds = logits.argmax(dim=-1).tolist()
+    kids = draft.children()
+    path: list[int] = []
+    node = -1
+    while True:
+        want = preds[node + 1]
+        nxt = next((c for c in kids.get(node, ()) if draft.tokens[c] == want), None)
+        if nxt is None:
+            return path, want
+        path.append(nxt)
+        node = nxt
+
+
+def verify_sampling(
+    draft: Draft,
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> tuple[list[int], int]:
+    """Lossless speculative sampling over a tree (a chain is the one-child case).
+
+    At each node the target distribution p is computed from its row. Its children are tried in
+    order: child x drawn from q is accepted with probability min(1, p[x] / q[x]); on rejection p
+    becomes the normalised max(0, p - q) (for a deterministic child, q is one-hot at x, so p loses
+    x). If every child is rejected the next token is drawn from what is left of p. Each emitted
+    token is thus distributed exactly as the target's p (Leviathan et al. 2023; with siblings,
+    SpecInfer / Sequoia).
+    """
+    all_p = probabilities(logits, params)
+    kids = draft.children()
+    path: list[int] = []
+    node = -1
+    while True:
+        p = all_p[node + 1]
+        accepted = None
+        for c in kids.get(node, ()):
+            x = draft.tokens[c]
+            q = draft.probs[c] if draft.probs is not None else None
+            qx = 1.0 if q is None else float(q[x])
+            px = float(p[x])
+            u = float(torch.rand((), generator=generator))
+            if qx > 0 and u < min(1.0, px / qx):
+                accepted = c
+                break
+            if q is None:
+                residual = p.clone()
+                residual[x] = 0
+            else:
+                residual = (p - q.to(p.dtype)).clamp_(min=0)
+            total = float(residual.sum())
+            if total <= 0:  # p == q up to rounding: the rejection had probability ~0
+                continue
+            p = residual / total
+        if accepted is None:
+            return path, sample(p, generator)
+        path.append(accepted)
+        node = accepted

@@ -1,0 +1,15 @@
+"""Drafters by method name. A method's drafter is built by ``build_drafter``."""
+
+from __future__ import annotations
+
+from .base import Drafter, VanillaDrafter
+from .pld import PromptLookupDrafter
+from .sps import DraftModelDrafter
+
+METHODS: dict[str, type[Drafter]] = {
+    "vanilla": VanillaDrafter,
+    "sps": DraftModelDrafter,
+    "pld": PromptLookupDrafter,
+}
+
+__all__ = ["METHODS", "Drafter", "DraftModelDrafter", "PromptLookupDrafter", "VanillaDrafter"]

@@ -1,0 +1,48 @@
+"""The drafter interface: propose a draft, then learn from the verdict.
+
+The decoding loop never looks inside a drafter. New methods (layer skipping, n-gram pools,
+trees) implement these three calls and register a name in ``specdecode.drafters.METHODS``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..draft import Draft
+from ..sampling import SamplingParams
+
+
+class Drafter:
+    name = "base"
+    default_draft_length: int = 4
+    default_adaptive: bool = False
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        """A new request starts with these tokens."""
+
+    def propose(
+        self,
+        tokens: list[int],
+        max_tokens: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> Draft:
+        """Propose at most ``max_tokens`` nodes to follow ``tokens`` (the whole sequence so far)."""
+        raise NotImplementedError
+
+    def update(self, tokens: list[int], num_accepted: int, draft: Draft) -> None:
+        """The verdict: ``num_accepted`` nodes of ``draft`` were kept; ``tokens`` is the new sequence."""
+
+    def stats(self) -> dict:
+        """Method-specific statistics for the last request (merged into the result's stats)."""
+        return {}
+
+
+class VanillaDrafter(Drafter):
+    """No drafting: plain autoregressive decoding through the same engine (the baseline)."""
+
+    name = "vanilla"
+    default_draft_length = 0
+
+    def propose(self, tokens, max_tokens, params, generator) -> Draft:
+        return Draft()

@@ -1,0 +1,74 @@
+"""Shared fixtures: the real tiny stories260K model and tiny random models of each architecture."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+STORIES = Path(os.environ.get("SPECDECODE_STORIES", REPO.parent / "shared" / "models" / "stories260k"))
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@pytest.fixture(scope="session")
+def stories_path() -> Path:
+    if not (STORIES / "config.json").exists():
+        pytest.skip(f"stories260K not found at {STORIES} (set SPECDECODE_STORIES)")
+    return STORIES
+
+
+def make_tiny_model(folder: Path, arch: str, *, seed: int = 0, vocab_size: int = 512, **overrides) -> Path:
+    """Save a tiny random model of ``arch`` (llama, llama3, mistral, qwen2, smollm) with the
+    stories260K tokenizer (512 tokens), so it can be used end to end."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5,
+    )  # fmt: skip
+    if arch == "llama":
+        cfg = LlamaConfig(**common, tie_word_embeddings=False)
+    elif arch == "llama3":
+        cfg = LlamaConfig(
+            **common,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 64},
+        )  # fmt: skip
+    elif arch == "smollm":
+        cfg = LlamaConfig(**{**common, "num_key_value_heads": 4}, tie_word_embeddings=True)
+    elif arch == "mistral":
+        cfg = MistralConfig(**common, sliding_window=24, head_dim=16)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(**common, tie_word_embeddings=True)
+    else:
+        raise ValueError(arch)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # Random init gives near-uniform logits; sharpen them so greedy paths are decisive and
+    # drafts get both accepted and rejected.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    model.save_pretrained(folder)
+    if STORIES.exists():
+        for f in TOKENIZER_FILES:
+            shutil.copy(STORIES / f, folder / f)
+    return folder
+
+
+ARCHS = ("llama", "llama3", "smollm", "mistral", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, stories_path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {a: make_tiny_model(root / a, a, seed=i) for i, a in enumerate(ARCHS)}
