@@ -21,7 +21,7 @@ import torch
 
 from .backends import Backend, load_backend
 from .draft import Draft, verify_greedy, verify_sampling
-from .drafters import METHODS, Drafter, DraftModelDrafter
+from .drafters import METHODS, Drafter, DraftModelDrafter, VanillaDrafter
 from .errors import InvalidArgument, ModelLoadError
 from .hub import resolve_model
 from .sampling import SamplingParams
@@ -135,6 +135,15 @@ class GenerationStream:
         self._pieces.close()  # type: ignore[attr-defined]
 
 
+def _check_method(method: str, draft_model) -> None:
+    if method not in METHODS:
+        raise InvalidArgument("method", f"expected one of {', '.join(METHODS)}, got {method!r}")
+    if method == "sps" and draft_model is None:
+        raise InvalidArgument("draft_model", "method 'sps' needs a draft model (same tokenizer as the target)")
+    if method != "sps" and draft_model is not None:
+        raise InvalidArgument("draft_model", f"only method 'sps' uses a draft model, not {method!r}")
+
+
 def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise InvalidArgument(name, f"expected a positive integer, got {value!r}")
@@ -158,6 +167,8 @@ class Engine:
         self.drafter = drafter
         self.model_name = model_name
         self.method = drafter.name
+        self.model_path: Path | None = getattr(tokenizer, "name_or_path", None) and Path(tokenizer.name_or_path)
+        self.backend_name = target.name
         k = drafter.default_draft_length if draft_length is None else draft_length
         self.draft_length = DraftLength(
             k, drafter.default_adaptive if adaptive is None else adaptive, max_draft_length
@@ -185,28 +196,55 @@ class Engine:
 
         method_options go to the drafter (pld: max_ngram, min_ngram).
         """
-        if method not in METHODS:
-            raise InvalidArgument("method", f"expected one of {', '.join(METHODS)}, got {method!r}")
+        _check_method(method, draft_model)
         torch_dtype = parse_dtype(dtype)
         try:
             torch.device(device)
         except (RuntimeError, TypeError):
             raise InvalidArgument("device", f"expected a torch device such as cpu or cuda:0, got {device!r}") from None
-        if method == "sps" and draft_model is None:
-            raise InvalidArgument("draft_model", "method 'sps' needs a draft model (same tokenizer as the target)")
-        if method != "sps" and draft_model is not None:
-            raise InvalidArgument("draft_model", f"only method 'sps' uses a draft model, not {method!r}")
         path = resolve_model(str(model), progress=progress)
         tokenizer = load_tokenizer(path)
         target = load_backend(path, backend, dtype=torch_dtype, device=device, max_length=max_length)
+        engine = cls(target, tokenizer, VanillaDrafter(), model_name=Path(str(model)).name)
+        engine.model_path, engine.backend_name = path, backend
+        return engine.with_method(
+            method, draft_model=draft_model, draft_length=draft_length, adaptive=adaptive,
+            progress=progress, **method_options,
+        )  # fmt: skip
+
+    def with_method(
+        self,
+        method: str,
+        *,
+        draft_model: str | Path | None = None,
+        draft_length: int | None = None,
+        adaptive: bool | None = None,
+        progress: bool = True,
+        **method_options: Any,
+    ) -> "Engine":
+        """A new engine for ``method`` that shares this one's target model (no second copy of
+        the weights). Engines sharing a target must not generate at the same time."""
+        _check_method(method, draft_model)
         if method == "sps":
             draft_path = resolve_model(str(draft_model), progress=progress)
-            check_same_tokenizer(tokenizer, load_tokenizer(draft_path), path, draft_path)
-            draft = load_backend(draft_path, backend, dtype=target.dtype, device=device, max_length=target.max_length)
-            drafter: Drafter = DraftModelDrafter(draft, **method_options)
+            check_same_tokenizer(self.tokenizer, load_tokenizer(draft_path), self.model_path, draft_path)
+            draft = load_backend(
+                draft_path, self.backend_name, dtype=self.target.dtype, device=self.target.device,
+                max_length=self.target.max_length,
+            )  # fmt: skip
+            build = lambda: DraftModelDrafter(draft, **method_options)  # noqa: E731
         else:
-            drafter = METHODS[method](**method_options)
-        return cls(target, tokenizer, drafter, draft_length=draft_length, adaptive=adaptive, model_name=Path(str(model)).name)
+            build = lambda: METHODS[method].create(self.target, **method_options)  # noqa: E731
+        try:
+            drafter: Drafter = build()
+        except TypeError as e:  # an option the method does not take
+            raise InvalidArgument("method_options", f"method {method!r}: {e}") from None
+        engine = Engine(
+            self.target, self.tokenizer, drafter, draft_length=draft_length, adaptive=adaptive,
+            model_name=self.model_name,
+        )  # fmt: skip
+        engine.model_path, engine.backend_name = self.model_path, self.backend_name
+        return engine
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

@@ -17,6 +17,11 @@ class Drafter:
     default_draft_length: int = 4
     default_adaptive: bool = False
 
+    @classmethod
+    def create(cls, target, **options) -> "Drafter":
+        """Build this drafter for ``target`` (a Backend) with the method's options."""
+        return cls(**options)
+
     def begin(self, prompt_ids: list[int]) -> None:
         """A new request starts with these tokens."""
 
