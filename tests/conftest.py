@@ -31,6 +31,7 @@ def make_tiny_model(folder: Path, arch: str, *, seed: int = 0, vocab_size: int =
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5,
     )  # fmt: skip
+    common.update(overrides)
     if arch == "llama":
         cfg = LlamaConfig(**common, tie_word_embeddings=False)
     elif arch == "llama3":
@@ -48,8 +49,6 @@ def make_tiny_model(folder: Path, arch: str, *, seed: int = 0, vocab_size: int =
         cfg = Qwen2Config(**common, tie_word_embeddings=True)
     else:
         raise ValueError(arch)
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # Random init gives near-uniform logits; sharpen them so greedy paths are decisive and
@@ -69,6 +68,29 @@ ARCHS = ("llama", "llama3", "smollm", "mistral", "qwen2")
 
 
 @pytest.fixture(scope="session")
+def noisy_stories(tmp_path_factory, stories_path) -> Path:
+    """stories260K with noise on its weights: a draft model that agrees with it only partly."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("noisy_stories")
+    for f in stories_path.iterdir():
+        if f.suffix != ".safetensors" and f.is_file():
+            shutil.copy(f, folder / f.name)
+    g = torch.Generator().manual_seed(0)
+    weights = load_file(stories_path / "model.safetensors")
+    noisy = {k: (v + 0.1 * v.std() * torch.randn(v.shape, generator=g)).contiguous() for k, v in weights.items()}
+    save_file(noisy, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, stories_path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     return {a: make_tiny_model(root / a, a, seed=i) for i, a in enumerate(ARCHS)}
+
+
+@pytest.fixture(scope="session")
+def tiny_drafts(tmp_path_factory, stories_path) -> dict[str, Path]:
+    """For each architecture, another random model of it (a draft that mostly disagrees)."""
+    root = tmp_path_factory.mktemp("tiny_drafts")
+    return {a: make_tiny_model(root / a, a, seed=100 + i, num_hidden_layers=2) for i, a in enumerate(ARCHS)}

@@ -1,0 +1,120 @@
+"""The native backend computes what transformers computes (float32, tight tolerance)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from specdecode.backends import HFBackend, NativeBackend, SkipSet
+from specdecode.draft import Draft
+
+from .conftest import ARCHS
+
+TOL = 1e-4
+
+
+def hf_logits(path, ids):
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    with torch.no_grad():
+        return model(ids[None]).logits[0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_transformers(tiny_models, arch):
+    torch.manual_seed(1)
+    ids = torch.randint(0, 512, (40,))  # longer than mistral's sliding window (24)
+    ref = hf_logits(tiny_models[arch], ids)
+    nb = NativeBackend(tiny_models[arch])
+    # In pieces, as decoding does: a prefill, a block, then single tokens.
+    got = torch.cat([nb.forward(ids[:25]), nb.forward(ids[25:37]), nb.forward(ids[37:38]), nb.forward(ids[38:])])
+    assert torch.allclose(got, ref, atol=TOL, rtol=0), (got - ref).abs().max()
+
+
+def test_stories_logits_match_transformers(stories_path):
+    ids = torch.arange(3, 200, 3)
+    ref = hf_logits(stories_path, ids)
+    got = NativeBackend(stories_path).forward(ids)
+    assert torch.allclose(got, ref, atol=TOL, rtol=0), (got - ref).abs().max()
+
+
+def test_hf_backend_matches_and_rolls_back(stories_path):
+    ids = torch.arange(5, 60)
+    ref = hf_logits(stories_path, ids)
+    hb = HFBackend(stories_path, dtype=torch.float32)
+    hb.forward(ids[:30], logits_rows=None)
+    hb.forward(torch.tensor([7, 8, 9]))  # a rejected draft
+    hb.truncate(30)
+    got = hb.forward(ids[30:])
+    assert torch.allclose(got, ref[30:], atol=TOL, rtol=0)
+
+
+def test_rollback_and_logits_rows(stories_path):
+    nb = NativeBackend(stories_path)
+    ids = torch.arange(10, 50)
+    full = nb.forward(ids)
+    nb.truncate(20)
+    assert nb.length == 20
+    nb.forward(torch.tensor([1, 2, 3, 4]), logits_rows=None)  # garbage that gets rolled back
+    nb.truncate(20)
+    last = nb.forward(ids[20:], logits_rows=slice(-1, None))
+    assert last.shape == (1, 512)
+    assert torch.allclose(last[0], full[-1], atol=TOL, rtol=0)
+    with pytest.raises(ValueError):
+        nb.truncate(nb.length + 1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_tree_attention_equals_each_path(tiny_models, arch):
+    """Every tree node's logits equal those of its root path run as a plain sequence."""
+    nb = NativeBackend(tiny_models[arch])
+    prefix = torch.arange(20, 50)  # 30 tokens: the mistral window (24) matters
+    # root -> a(0) -> b(1) -> c(2); root -> d(3) -> e(4); a -> f(5)
+    draft = Draft(tokens=[11, 12, 13, 14, 15, 16], parents=[-1, 0, 1, -1, 3, 0])
+    nb.forward(prefix[:-1], logits_rows=None)
+    start = nb.length
+    block = torch.tensor([int(prefix[-1])] + draft.tokens)
+    positions = torch.tensor([0] + draft.depths()) + start
+    tree = nb.forward(block, positions=positions, tree_mask=draft.tree_mask())
+    ref_model = NativeBackend(tiny_models[arch])
+    for node in range(len(draft)):
+        path = []
+        n = node
+        while n >= 0:
+            path.append(draft.tokens[n])
+            n = draft.parents[n]
+        seq = torch.cat([prefix, torch.tensor(path[::-1])])
+        ref_model.reset()
+        ref = ref_model.forward(seq, logits_rows=slice(-1, None))[0]
+        assert torch.allclose(tree[node + 1], ref, atol=TOL, rtol=0), (node, (tree[node + 1] - ref).abs().max())
+    # Keep the path root -> d -> e: the cache then equals running that path plainly.
+    nb.keep(start, [0, 4, 5])
+    nxt = nb.forward(torch.tensor([99]))[0]
+    ref_model.reset()
+    ref = ref_model.forward(torch.cat([prefix, torch.tensor([14, 15, 99])]), logits_rows=slice(-1, None))[0]
+    assert torch.allclose(nxt, ref, atol=TOL, rtol=0)
+
+
+def test_skipping_every_sublayer_leaves_embedding_only(stories_path):
+    nb = NativeBackend(stories_path)
+    layers = frozenset(range(nb.config.num_layers))
+    ids = torch.tensor([5, 6, 7])
+    got = nb.forward(ids, skip=SkipSet(attention=layers, mlp=layers))
+    x = nb.embed[ids].float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + nb.config.rms_norm_eps)
+    expect = (nb.norm * x) @ nb.lm_head.T
+    assert torch.allclose(got, expect, atol=TOL, rtol=0)
+    # And skipping nothing differs from skipping one MLP.
+    nb.reset()
+    full = nb.forward(ids)
+    nb.reset()
+    part = nb.forward(ids, skip=SkipSet(mlp=frozenset({2})))
+    assert not torch.allclose(full, part)
+
+
+def test_bf16_close_to_float32(stories_path):
+    ids = torch.arange(3, 40)
+    f32 = NativeBackend(stories_path).forward(ids)
+    b16 = NativeBackend(stories_path, dtype=torch.bfloat16).forward(ids)
+    assert b16.dtype == torch.float32  # logits always come back in float32
+    assert (f32.argmax(-1) == b16.argmax(-1)).float().mean() > 0.8
