@@ -1,0 +1,71 @@
+"""The ``specdecode serve`` command: load one engine, then run the app under uvicorn."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import typer
+
+
+def serve(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model folder or known name."),
+    method: str = typer.Option("vanilla", help="Decoding method: vanilla, sps, pld, ..."),
+    draft_model: Optional[str] = typer.Option(None, help="Draft model for --method sps."),
+    draft_length: Optional[int] = typer.Option(None, help="Tokens drafted per step (method default if unset)."),
+    adaptive: Optional[bool] = typer.Option(None, "--adaptive/--fixed", help="Adapt the draft length to acceptance."),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="Method option key=value (repeatable)."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    backend: str = typer.Option("auto", help="auto (native when supported), native or hf."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 exposes the server to the network)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(
+        None, envvar="SPECDECODE_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 endpoints."
+    ),
+    max_queue: int = typer.Option(64, min=1, help="Requests that may wait for the worker; more get 429."),
+    served_model_name: Optional[str] = typer.Option(
+        None, help="The model name clients use (default: the --model folder's name)."
+    ),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: torch's choice)."),
+    log_level: str = typer.Option("info", help="uvicorn log level: debug, info, warning, error."),
+):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
+    from ..cli import fail, method_options
+    from ..engine import Engine
+    from ..errors import SpecDecodeError
+
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ModuleNotFoundError as e:
+        fail(f"{e.name} is missing: install the server extra with  pip install 'specdecode[serve]'")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        engine = Engine.from_pretrained(
+            model, method, draft_model=draft_model, backend=backend, dtype=dtype, device=device,
+            draft_length=draft_length, adaptive=adaptive, **method_options(option),
+        )  # fmt: skip
+        # Clients may name the model as it was given on the command line, too.
+        aliases = tuple({model, os.path.basename(os.path.normpath(model))} - {served_model_name})
+        app = create_app(
+            engine, model_name=served_model_name or engine.model_name, aliases=aliases, api_key=api_key,
+            max_queue=max_queue,
+        )  # fmt: skip
+    except (SpecDecodeError, TypeError) as e:
+        fail(str(e))
+    name = served_model_name or engine.model_name
+    typer.secho(
+        f"serving {name!r} with method {method!r} on http://{host}:{port}/v1"
+        + (" (API key required)" if api_key else ""),
+        err=True, fg=typer.colors.CYAN,
+    )  # fmt: skip
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)

@@ -1,0 +1,252 @@
+"""The OpenAI wire format: request models, the error shape, and response/chunk builders.
+
+Requests are validated with pydantic in strict mode, so ``"max_tokens": "10"`` or
+``"stream": "yes"`` are rejected rather than silently coerced. Status codes:
+
+* 422: the body is JSON but does not have the request's shape (a field missing, a wrong type);
+* 400: the shape is right but a value cannot be served (out of range, too long for the context,
+  unsupported option such as ``n > 1``), or the body is not JSON at all.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..engine import GenerationResult
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# Union-typed fields produce one pydantic error per alternative; a single plain sentence reads better.
+_EXPECTED = {
+    "prompt": "a non-empty string, a list of token ids, or a list holding one string",
+    "stop": "a string or a list of strings",
+}
+
+
+def _is_shape_error(error_type: str) -> bool:
+    """Missing fields and wrong types (422) as opposed to unacceptable values (400)."""
+    return error_type == "missing" or error_type.endswith("_type") or error_type == "union_tag_invalid"
+
+
+def validation_error(e: ValidationError) -> APIError:
+    errors = e.errors(include_url=False)
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {first['msg']}", code="invalid_json")
+    loc = first["loc"]
+    param = str(loc[0]) if loc else None
+    status = 422 if _is_shape_error(first["type"]) else 400
+    if param in _EXPECTED and first["type"] != "missing":
+        message = f"{param}: expected {_EXPECTED[param]}"
+    elif param is None:
+        message = f"the request body: {first['msg']} (expected a JSON object)"
+    else:
+        where = ".".join(str(part) for part in loc)
+        message = f"{where}: {first['msg']}" + (f" (got {first['input']!r})" if first["type"] != "missing" else "")
+    code = "missing_field" if first["type"] == "missing" else "invalid_type" if status == 422 else "invalid_value"
+    return APIError(status, message, param=param, code=code)
+
+
+# ---- requests -------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: Optional[bool] = None
+
+
+class _Common(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions. None means "the default"."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)  # OpenAI's range
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=0)  # not OpenAI's, but vLLM and others accept it
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    n: Optional[int] = Field(None, ge=1)
+    stream: Optional[bool] = None
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None
+    user: Optional[str] = None
+
+    def check_supported(self) -> None:
+        """Options we parse but cannot honour are refused rather than silently ignored."""
+        if self.n not in (None, 1):
+            raise APIError(400, f"n: only n=1 is supported, got {self.n}", param="n", code="unsupported_value")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise APIError(400, f"{name}: penalties are not supported (would change the output)", param=name, code="unsupported_value")  # fmt: skip
+        if self.logit_bias:
+            raise APIError(400, "logit_bias: not supported", param="logit_bias", code="unsupported_value")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options: only allowed with stream=true", param="stream_options")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Common):
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    echo: Optional[bool] = None
+    logprobs: Optional[int] = None
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        unsupported = {"echo": self.echo, "logprobs": self.logprobs is not None, "suffix": self.suffix,
+                       "best_of": self.best_of not in (None, 1)}  # fmt: skip
+        for name, used in unsupported.items():
+            if used:
+                raise APIError(400, f"{name}: not supported by this server", param=name, code="unsupported_value")
+
+    def engine_prompt(self) -> str | list[int]:
+        """The one prompt the engine gets: a batch of prompts is n > 1 in disguise."""
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            if len(p) != 1:
+                raise APIError(400, f"prompt: one prompt per request, got {len(p)}", param="prompt", code="unsupported_value")  # fmt: skip
+            p = p[0]
+        return p
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: str = Field(min_length=1)
+    content: Optional[Union[str, list[TextPart]]] = None
+    name: Optional[str] = None
+
+    def engine_message(self) -> dict[str, str]:
+        content = self.content
+        if content is None:
+            content = ""
+        elif isinstance(content, list):
+            content = "\n".join(part.text for part in content)
+        return {"role": self.role, "content": content}
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    tools: Optional[list[Any]] = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        for name in ("logprobs", "top_logprobs", "tools"):
+            if getattr(self, name):
+                raise APIError(400, f"{name}: not supported by this server", param=name, code="unsupported_value")
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# ---- responses ------------------------------------------------------------------------------
+
+
+def usage(result: GenerationResult) -> dict[str, int]:
+    prompt, completion = len(result.prompt_token_ids), len(result.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def speculative(method: str, result: GenerationResult, queue_time: float) -> dict[str, Any]:
+    """The speculative-decoding statistics of one request (the extra response field)."""
+    s = result.stats
+    return {
+        "method": method,
+        "target_forwards": s.target_forwards,
+        "mean_accepted_tokens": round(s.mean_accepted_tokens, 4),
+        "acceptance_rate": round(s.acceptance_rate, 4),
+        "drafted_tokens": s.drafted_tokens,
+        "accepted_draft_tokens": s.accepted_draft_tokens,
+        "tokens_per_second": round(s.tokens_per_second, 2),
+        "prefill_time": round(s.prefill_time, 6),
+        "draft_time": round(s.draft_time, 6),
+        "verify_time": round(s.verify_time, 6),
+        "total_time": round(s.total_time, 6),
+        "queue_time": round(queue_time, 6),
+        "method_stats": s.method,
+    }
+
+
+class Formatter:
+    """Builds the bodies of one request's response: plain, or the chunks of a stream.
+
+    Completions and chat differ only in names and in where the text goes
+    (``text`` vs ``message``/``delta``).
+    """
+
+    def __init__(self, chat: bool, model: str):
+        self.chat, self.model = chat, model
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _envelope(self, obj: str, choices: list[dict]) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def response(self, result: GenerationResult, spec: dict) -> dict[str, Any]:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}}
+        else:
+            choice = {"index": 0, "text": result.text}
+        choice.update(logprobs=None, finish_reason=result.finish_reason)
+        body = self._envelope("chat.completion" if self.chat else "text_completion", [choice])
+        body.update(usage=usage(result), speculative=spec)
+        return body
+
+    def chunk(self, text: str | None = None, *, role: bool = False, finish_reason: str | None = None) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, str] = {"role": "assistant", "content": ""} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta}
+        else:
+            choice = {"index": 0, "text": text or ""}
+        choice.update(logprobs=None, finish_reason=finish_reason)
+        return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [choice])
+
+    def usage_chunk(self, result: GenerationResult, spec: dict) -> dict[str, Any]:
+        body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
+        body.update(usage=usage(result), speculative=spec)
+        return body
