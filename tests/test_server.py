@@ -36,7 +36,8 @@ torch.set_num_threads(1)  # the server subprocess gets one thread too: two cores
 
 API_KEY = "test-key"
 CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% for m in messages %}{% if m['role'] == 'bad' %}{{ raise_exception('unknown role: bad') }}{% endif %}"
+    "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 PROMPTS = ["Once upon a time", "The cat", "Tom had a red ball", "One day, a little bird", "Lily and Ben",
@@ -353,6 +354,9 @@ BAD = [
     ("n-2-chat", CHAT, {**OK_CHAT, "n": 2}, None, 400, "n", "unsupported_value"),
     ("two-prompts", C, {**OK, "prompt": ["a", "b"]}, None, 400, "prompt", "unsupported_value"),
     ("empty-stop", C, {**OK, "stop": [""]}, None, 400, "stop", "invalid_value"),
+    ("template-rejects-messages", CHAT, {**OK_CHAT, "messages": [{"role": "bad", "content": "hi"}]}, None, 400, "messages", "invalid_value"),  # fmt: skip
+    ("seed-too-big", C, {**OK, "seed": 2**70}, None, 400, "seed", "invalid_value"),
+    ("seed-not-int", C, {**OK, "seed": 1.5}, None, 422, "seed", "invalid_type"),
     ("logprobs", C, {**OK, "logprobs": 2}, None, 400, "logprobs", "unsupported_value"),
     ("stream-options-without-stream", C, {**OK, "stream_options": {"include_usage": True}}, None, 400, "stream_options", None),  # fmt: skip
 ]

@@ -92,7 +92,7 @@ class _Common(BaseModel):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=0)  # not OpenAI's, but vLLM and others accept it
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch's generators take
     n: Optional[int] = Field(None, ge=1)
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None

@@ -153,7 +153,7 @@ class Worker:
 
     def _run(self, job: Job) -> None:
         r, engine = job.request, self.engine
-        prompt_ids = engine.encode(r.prompt)  # InvalidArgument('prompt'/'messages') if unusable
+        prompt_ids = _encode(engine, r.prompt)
         context = engine.target.max_length
         room = context - len(prompt_ids)
         if r.max_tokens is not None:
@@ -185,3 +185,18 @@ class Worker:
             self.cancelled_total += 1
             return
         job.emit("done", stream.result)
+
+
+def _encode(engine, prompt) -> list[int]:
+    """``engine.encode``, with a chat template refusing the messages (HF templates call
+    ``raise_exception``, e.g. "roles must alternate") reported as a bad request."""
+    try:
+        return engine.encode(prompt)  # InvalidArgument('prompt'/'messages') if unusable
+    except Exception as e:
+        try:
+            from jinja2 import TemplateError
+        except ImportError:  # pragma: no cover - transformers needs jinja2 for chat templates
+            raise e from None
+        if isinstance(e, TemplateError):
+            raise InvalidArgument("messages", f"the model's chat template rejects them: {e}") from None
+        raise
