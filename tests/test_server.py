@@ -561,3 +561,26 @@ def test_failure_mid_generation_is_contained(slow, reference):
     # the worker lives on and answers correctly
     r = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference("The cat", 6).text
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "/nonexistent/model"], "/nonexistent/model"),
+        (["--method", "nosuchmethod"], "method"),
+        (["--method", "pld", "--option", "no_such_option=1"], "no_such_option"),
+        (["--max-queue", "0"], "max-queue"),
+    ],
+)
+def test_serve_cli_refuses_bad_arguments(stories_path, args, message):
+    """Bad arguments end the command with a message before any port is opened."""
+    from typer.testing import CliRunner
+
+    from specdecode.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--model", str(stories_path), *args, "--port", "1"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
