@@ -1,0 +1,120 @@
+"""Which methods a benchmark runs, with their options, and how each of ours runs one turn.
+
+Our methods are whatever ``specdecode.drafters.METHODS`` registers (looked up, never listed
+here). The peers run transformers' own ``generate`` (see ``peers.py``). Every method answers a
+turn through the same call, ``run_turn(prompt_ids, ...) -> TurnOutput``, so the worker can time
+them all alike.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidArgument
+
+# Peer name -> the generation options it accepts (passed to transformers' GenerationConfig).
+PEERS: dict[str, tuple[str, ...]] = {
+    "hf-vanilla": (),
+    "hf-pld": ("prompt_lookup_num_tokens", "max_matching_ngram_size"),
+    "hf-assisted": ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold"),
+}
+# prompt_lookup_num_tokens has no default in transformers; 10 is the value its docs use.
+PEER_DEFAULTS: dict[str, dict[str, Any]] = {"hf-pld": {"prompt_lookup_num_tokens": 10}}
+
+
+def our_methods() -> dict[str, type]:
+    from ..drafters import METHODS
+
+    return METHODS
+
+
+def known_methods() -> list[str]:
+    return [*our_methods(), *PEERS]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_peer(self) -> bool:
+        return self.name in PEERS
+
+    @property
+    def needs_draft_model(self) -> bool:
+        if self.is_peer:
+            return self.name == "hf-assisted"
+        from ..drafters import DraftModelDrafter
+
+        return issubclass(our_methods()[self.name], DraftModelDrafter)
+
+
+def _parse_value(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def parse_methods(text: str, option_items: list[str] | None = None) -> list[MethodSpec]:
+    """``"vanilla,pld,hf-vanilla"`` and ``["pld.max_ngram=4"]`` -> method specs, in order."""
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    if not names:
+        raise InvalidArgument("methods", "expected at least one method")
+    known = known_methods()
+    for name in names:
+        if name not in known:
+            raise InvalidArgument("methods", f"unknown method {name!r}; expected some of {', '.join(known)}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InvalidArgument("methods", f"method {duplicates[0]!r} is listed twice")
+    options: dict[str, dict[str, Any]] = {n: dict(PEER_DEFAULTS.get(n, {})) for n in names}
+    for item in option_items or []:
+        target, sep, value = item.partition("=")
+        method, dot, key = target.partition(".")
+        if not sep or not dot or not method.strip() or not key.strip():
+            raise InvalidArgument("method_option", f"expected method.key=value, got {item!r}")
+        method, key = method.strip(), key.strip().replace("-", "_")
+        if method not in options:
+            raise InvalidArgument("method_option", f"{item!r} is for {method!r}, which is not among --methods")
+        if method in PEERS and key not in PEERS[method]:
+            allowed = ", ".join(PEERS[method]) or "none"
+            raise InvalidArgument("method_option", f"{method} takes no option {key!r} (options: {allowed})")
+        options[method][key] = _parse_value(value)
+    return [MethodSpec(n, options[n]) for n in names]
+
+
+def default_baseline(methods: list[str]) -> str:
+    """hf-vanilla when it runs, else our vanilla, else the first method."""
+    for name in ("hf-vanilla", "vanilla"):
+        if name in methods:
+            return name
+    return methods[0]
+
+
+@dataclass
+class TurnOutput:
+    """What one method produced for one turn, before timing is added."""
+
+    token_ids: list[int]
+    decoding_steps: int
+    accept_lengths: list[int]  # tokens emitted per decoding step
+    drafted_tokens: int | None = None  # None: the method does not report it
+    accepted_draft_tokens: int | None = None
+
+
+class OurMethod:
+    """One of our methods, on an engine that shares the target with the other methods."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def run_turn(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int | None) -> TurnOutput:
+        result = self.engine.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        s = result.stats
+        return TurnOutput(
+            list(result.token_ids), s.target_forwards, list(s.accept_lengths), s.drafted_tokens, s.accepted_draft_tokens
+        )

@@ -1,0 +1,147 @@
+"""Spec-Bench's metrics, computed from answer records.
+
+As in Spec-Bench's ``evaluation/speed.py``:
+- a question's speed is sum(new_tokens) / sum(wall_time) over its turns;
+- a subtask's tokens/s is the mean of its questions' speeds (overall: of all questions);
+- speedup is a method's mean tokens/s over the baseline's, on the same questions;
+- mean accepted tokens is the mean over every decoding step of the tokens it emitted;
+- with several runs, tokens/s and speedup are the mean over runs (and their standard
+  deviation, ddof=1); mean accepted tokens pools the steps of all runs.
+One difference: speed.py counts the baseline's tokens by re-tokenizing its answer text; we use
+the ``new_tokens`` it recorded, the same count as for every other method.
+
+Added here: exact match (share of questions whose output tokens, every turn, equal the
+baseline's; only meaningful for greedy decoding, so it is None when sampling), acceptance rate
+(accepted / drafted tokens) and peak memory. Only questions every method answered in a run
+count, so that all methods are compared on the same prompts.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from .questions import OVERALL, SUBTASKS, subtask_of
+
+Answers = dict[int, dict[str, list[dict[str, Any]]]]  # run -> method -> answer records
+
+
+def question_speed(record: dict[str, Any]) -> float:
+    choice = record["choices"][0]
+    seconds = sum(choice["wall_time"])
+    return sum(choice["new_tokens"]) / seconds if seconds > 0 else 0.0
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _std(values: list[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def _sampled(records: list[dict[str, Any]]) -> bool:
+    return any((r.get("config") or {}).get("temperature", 0) > 0 for r in records)
+
+
+def _same_tokens(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
+    ta, tb = a["choices"][0].get("token_ids"), b["choices"][0].get("token_ids")
+    if ta is None or tb is None:
+        return None
+    return ta == tb
+
+
+def summarize(answers: Answers, baseline: str, methods: list[str] | None = None) -> dict[str, Any]:
+    """The summary of every method against ``baseline`` on each subtask and overall."""
+    present = list(dict.fromkeys(m for by_method in answers.values() for m in by_method))
+    methods = [m for m in (methods or present) if m in present]
+    if baseline not in present:
+        raise ValueError(f"baseline {baseline!r} has no answers (methods with answers: {', '.join(present) or 'none'})")
+    if baseline not in methods:
+        methods = [baseline, *methods]
+    per_run: dict[int, dict[str, dict[int, dict[str, Any]]]] = {}
+    incomplete = 0
+    for run, by_method in answers.items():
+        ids = [{r["question_id"] for r in by_method.get(m, [])} for m in methods]
+        common = set.intersection(*ids) if ids else set()
+        incomplete += len(set.union(*ids) - common) if ids else 0
+        per_run[run] = {
+            m: {r["question_id"]: r for r in by_method.get(m, []) if r["question_id"] in common} for m in methods
+        }
+    groups: dict[str, set[int]] = {}
+    for by_method in per_run.values():
+        for r in by_method[baseline].values():
+            groups.setdefault(subtask_of(r["category"]), set()).add(r["question_id"])
+    order = [s for s in SUBTASKS if s in groups] + sorted(s for s in groups if s not in SUBTASKS)
+    all_ids = set().union(*groups.values()) if groups else set()
+    groups[OVERALL] = all_ids
+    order.append(OVERALL)
+
+    results: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for subtask in order:
+        ids = groups[subtask]
+        for m in methods:
+            speeds, speedups, accept, drafted, accepted = [], [], [], 0, 0
+            matches: list[bool] = []
+            questions = 0
+            sampled = False
+            for by_method in per_run.values():
+                mine = [r for q, r in by_method[m].items() if q in ids]
+                if not mine:
+                    continue
+                base = by_method[baseline]
+                questions += len(mine)
+                sampled = sampled or _sampled(mine) or _sampled(list(base.values()))
+                speed = _mean([question_speed(r) for r in mine])
+                base_speed = _mean([question_speed(base[r["question_id"]]) for r in mine])
+                speeds.append(speed)
+                if base_speed:
+                    speedups.append(speed / base_speed)
+                for r in mine:
+                    choice = r["choices"][0]
+                    accept.extend(choice["accept_lengths"])
+                    drafted += sum(d for d in choice.get("drafted_tokens") or [] if d is not None)
+                    accepted += sum(a for a in choice.get("accepted_draft_tokens") or [] if a is not None)
+                    same = _same_tokens(r, base[r["question_id"]])
+                    if same is not None:
+                        matches.append(same)
+            if not questions:
+                continue
+            results[m][subtask] = {
+                "questions": questions,
+                "tokens_per_second": _mean(speeds),
+                "tokens_per_second_std": _std(speeds),
+                "speedup": _mean(speedups),
+                "speedup_std": _std(speedups),
+                "mean_accepted_tokens": _mean(accept),
+                "acceptance_rate": accepted / drafted if drafted else None,
+                "exact_match": None if sampled or not matches else sum(matches) / len(matches),
+            }
+    peak = {}
+    for m in methods:
+        values = [
+            b for by_method in answers.values() for r in by_method.get(m, [])
+            for b in r["choices"][0].get("peak_memory") or [] if b is not None
+        ]  # fmt: skip
+        peak[m] = max(values) if values else None
+    return {
+        "baseline": baseline,
+        "runs": sorted(answers),
+        "methods": methods,
+        "subtasks": order,
+        "questions": {s: len(groups[s]) for s in order},
+        "incomplete_questions": incomplete,
+        "results": results,
+        "peak_memory_bytes": peak,
+    }
+
+
+def accept_length_counts(answers: Answers, methods: list[str]) -> dict[str, dict[int, int]]:
+    """How many decoding steps emitted 1, 2, 3, ... tokens, per method (all runs)."""
+    counts: dict[str, dict[int, int]] = {m: {} for m in methods}
+    for by_method in answers.values():
+        for m in methods:
+            for r in by_method.get(m, []):
+                for n in r["choices"][0]["accept_lengths"]:
+                    counts[m][n] = counts[m].get(n, 0) + 1
+    return counts

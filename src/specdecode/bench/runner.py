@@ -1,0 +1,171 @@
+"""The benchmark run: plan what is left to answer, answer it (here or on Ray workers), then
+report. Resumable: answers already in the output folder are kept and not asked again.
+
+Order: run by run, question by question, and within a question every method, so that drift of
+the machine (heat, other load) hits all methods alike. The method that goes first rotates from
+one question to the next.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..errors import InvalidArgument
+from ..hub import resolve_model
+from .answers import answer_path, append_answer, check_resumable, merge_shards, read_answers, write_answers
+from .methods import default_baseline
+from .questions import Question
+from .report import build_report
+from .worker import BenchConfig, BenchWorker
+
+Item = tuple[int, Question, list[str]]
+
+
+@dataclass
+class BenchOutcome:
+    summary: dict[str, Any] | None
+    interrupted: bool
+    answered: int  # (question, method) answers produced by this call
+    resumed: int  # answers found in the output folder and kept
+
+
+def plan(config: BenchConfig, questions: list[Question], out: Path, runs: int, overwrite: bool) -> tuple[list[Item], int]:
+    """The (run, question, methods) still to answer, and how many answers are already done.
+
+    Leftover worker shards of an interrupted sharded run are merged first; files written for
+    another model or other settings are refused (or, with ``overwrite``, removed).
+    """
+    items: list[Item] = []
+    done_count = 0
+    for run in range(1, runs + 1):
+        done: dict[str, set[int]] = {}
+        for spec in config.methods:
+            path = answer_path(out, run, spec.name)
+            if overwrite:
+                path.unlink(missing_ok=True)
+                for shard in path.parent.glob(f"shards/{spec.name}.worker-*.jsonl"):
+                    shard.unlink()
+            records = merge_shards(out, run, spec.name)
+            check_resumable(records, config.record_config(spec), path)
+            done[spec.name] = {r["question_id"] for r in records}
+        for q in questions:
+            missing = [s.name for s in config.methods if q.question_id not in done[s.name]]
+            done_count += len(config.methods) - len(missing)
+            if missing:
+                items.append((run, q, missing))
+    return items, done_count
+
+
+def _rotate(methods: list[str], k: int) -> list[str]:
+    k %= len(methods)
+    return methods[k:] + methods[:k]
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="bench", unit="answer", disable=not enabled or total == 0, dynamic_ncols=True)
+
+
+def run_bench(
+    config: BenchConfig,
+    questions: list[Question],
+    out: str | Path,
+    *,
+    runs: int = 1,
+    baseline: str | None = None,
+    workers: int = 1,
+    ray_address: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    plots: bool = True,
+    file: TextIO | None = None,
+) -> BenchOutcome:
+    """Answer ``questions`` with every method of ``config``; write answers and the report to ``out``."""
+    names = [s.name for s in config.methods]
+    baseline = baseline or default_baseline(names)
+    if baseline not in names:
+        raise InvalidArgument("baseline", f"{baseline!r} is not among the methods ({', '.join(names)})")
+    for name, value in (("runs", runs), ("workers", workers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgument(name, f"expected a positive integer, got {value!r}")
+    if not isinstance(config.max_new_tokens, int) or config.max_new_tokens < 1:
+        raise InvalidArgument("max_new_tokens", f"expected a positive integer, got {config.max_new_tokens!r}")
+    missing_draft = [s.name for s in config.methods if s.needs_draft_model and not config.draft_model]
+    if missing_draft:
+        raise InvalidArgument("draft_model", f"method {missing_draft[0]!r} needs --draft-model")
+    if workers > 1:
+        from .scale import import_ray
+
+        import_ray()  # fail now, with the name of the extra, not after the models are loaded
+    if config.temperature < 0:
+        raise InvalidArgument("temperature", f"expected >= 0, got {config.temperature!r}")
+    # Resolve (and pull) the models once, here: a bad name fails before any work starts, and
+    # Ray workers, which may start in another directory, get absolute paths.
+    resolved = {"model": str(resolve_model(str(config.model), progress=progress).absolute())}
+    if config.draft_model:
+        resolved["draft_model"] = str(resolve_model(str(config.draft_model), progress=progress).absolute())
+    config = BenchConfig(**{**config.__dict__, **resolved})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    items, resumed = plan(config, questions, out, runs, overwrite)
+    if resumed and progress:
+        print(f"resuming: {resumed} answer(s) already in {out}", file=sys.stderr)
+
+    bar = _progress_bar(sum(len(ms) for _, _, ms in items), progress)
+    answered = 0
+    interrupted = False
+    info: dict[str, Any] = {}
+    try:
+        if items and workers == 1:
+            worker = BenchWorker(config, progress=progress)
+            info = worker.info()
+            worker.warm_up(items[0][1])
+            for k, (run, question, methods) in enumerate(items):
+                for method in _rotate(methods, k):
+                    append_answer(answer_path(out, run, method), worker.answer(question, method))
+                    answered += 1
+                    bar.update(1)
+        elif items:
+            from .scale import run_sharded
+
+            def on_answer(record: dict) -> None:
+                nonlocal answered
+                answered += 1
+                bar.update(1)
+
+            items = [(run, q, _rotate(ms, k)) for k, (run, q, ms) in enumerate(items)]
+            info = run_sharded(
+                config, items, out, workers=workers, ray_address=ray_address, warm_up_with=items[0][1],
+                on_answer=on_answer,
+            )  # fmt: skip
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: writing what was done (run the same command again to resume)", file=sys.stderr)
+    finally:
+        bar.close()
+        for run in range(1, runs + 1):  # merge shards; leave each file sorted, one line per question
+            for name in names:
+                records = merge_shards(out, run, name)
+                if records:
+                    write_answers(answer_path(out, run, name), records)
+
+    asked = {q.question_id for q in questions}
+    if not any(read_answers(answer_path(out, r, baseline)) for r in range(1, runs + 1)):
+        print(f"no answers of the baseline {baseline!r} yet: nothing to report", file=file or sys.stdout)
+        return BenchOutcome(None, interrupted, answered, resumed)
+    meta = {
+        "config": {k: v for k, v in config.record_config(config.methods[0]).items() if k not in ("method", "options")},
+        "options": {s.name: s.options for s in config.methods},
+        "draft_model": config.draft_model,
+        "interrupted": interrupted,
+        "workers": workers,
+        **info,
+    }
+    summary = build_report(
+        out, baseline=baseline, methods=names, question_ids=asked, runs=runs, meta=meta, file=file, plots=plots
+    )
+    return BenchOutcome(summary, interrupted, answered, resumed)
