@@ -584,3 +584,21 @@ def test_serve_cli_refuses_bad_arguments(stories_path, args, message):
     result = CliRunner().invoke(app, ["serve", "--model", str(stories_path), *args, "--port", "1"])
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_cli_works_without_the_serve_extra():
+    """Without fastapi/uvicorn the other commands still work and `serve` says what to install."""
+    code = """
+import sys
+class Block:  # as if the serve extra were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('fastapi', 'uvicorn', 'starlette'):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+from typer.testing import CliRunner
+from specdecode.cli import app
+assert CliRunner().invoke(app, ["models"]).exit_code == 0
+r = CliRunner().invoke(app, ["serve"])
+assert r.exit_code == 2 and "specdecode[serve]" in r.output, r.output
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

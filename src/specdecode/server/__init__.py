@@ -7,6 +7,14 @@
 Needs the ``serve`` extra (fastapi, uvicorn, pydantic). See docs/serve.md.
 """
 
-from .app import create_app
-
 __all__ = ["create_app"]
+
+
+def __getattr__(name: str):
+    # Imported lazily: the CLI imports ``specdecode.server.cli`` to register ``serve`` and must
+    # keep working when the serve extra (fastapi) is not installed.
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
