@@ -602,3 +602,19 @@ r = CliRunner().invoke(app, ["serve"])
 assert r.exit_code == 2 and "specdecode[serve]" in r.output, r.output
 """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_stopped_worker_answers_503(reference):
+    """Once the worker is stopped (the server is shutting down), requests get 503, not a hang."""
+    from fastapi.testclient import TestClient
+
+    from specdecode.server import create_app
+
+    with TestClient(create_app(reference.engine, model_name="m")) as c:
+        assert c.get("/health").status_code == 200
+        c.app.state.server.worker.stop()
+        r = c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503
+        assert r.json()["error"] == {"message": "the server is shutting down", "type": "server_error",
+                                     "param": None, "code": "unavailable"}  # fmt: skip
+        assert c.get("/health").status_code == 503
