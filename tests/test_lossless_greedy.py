@@ -186,3 +186,20 @@ def test_context_end_is_respected(stories_path):
     assert got.finish_reason == "length"
     assert len(ids) + len(got.token_ids) == 41  # the last token needs no cache slot
     assert got.token_ids == hf_greedy(str(stories_path), ids, 41 - len(ids))
+
+
+@pytest.mark.parametrize("right", [0, 2, 100])
+def test_bf16_speculation_equals_bf16_plain_decoding(stories_path, noisy_stories, right):
+    """Exact in bf16 too: a token's logits do not depend on how many tokens share its forward
+    (the native attention is computed row by row in float32), so greedy speculation repeats
+    plain greedy decoding of the same model bit for bit, not just approximately."""
+    base = Engine.from_pretrained(stories_path, dtype="bfloat16", progress=False)
+    for prompt in STORY_PROMPTS:
+        ids = list(encode(stories_path, prompt))
+        ref = base.generate(prompt, max_new_tokens=120).token_ids
+        for k in (3, 8):
+            oracle = OracleDrafter(len(ids), ref, right, base.target.vocab_size)
+            assert Engine(base.target, base.tokenizer, oracle, draft_length=k).generate(prompt, max_new_tokens=120).token_ids == ref
+        for method, draft in (("pld", None), ("sps", noisy_stories)):
+            e = base.with_method(method, draft_model=draft, progress=False)
+            assert e.generate(prompt, max_new_tokens=120).token_ids == ref, (method, prompt)

@@ -124,6 +124,25 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * h.to(x.dtype)
 
 
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Attention of q [H, T, hd] over k, v [KV, L, hd] (grouped-query), in float32.
+
+    Written out rather than calling scaled_dot_product_attention because every row here is
+    computed the same way whatever T is: a token's output in a verification block is bit for
+    bit what it is when decoded alone, so speculative decoding matches plain decoding exactly
+    even in bf16 (fused attention kernels pick different reduction orders for different block
+    sizes). Attention reads only the cache, a small cost next to the weights.
+    """
+    heads, n, hd = q.shape
+    kv = k.shape[0]
+    qf = q.float().reshape(kv, heads // kv * n, hd)
+    scores = torch.matmul(qf, k.float().transpose(1, 2)).mul_(scale)  # [KV, G*T, L]
+    if mask is not None:
+        scores = scores.view(kv, heads // kv, n, -1).masked_fill_(~mask, float("-inf")).view(kv, -1, mask.shape[-1])
+    out = torch.matmul(scores.softmax(dim=-1), v.float())  # [KV, G*T, hd]
+    return out.view(heads, n, hd).to(q.dtype)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -294,15 +313,8 @@ class NativeBackend(Backend):
                 window = cfg.sliding_windows[i]
                 if window not in masks:
                     masks[window] = self._mask(start, n, positions, tree_mask, window)
-                attn = F.scaled_dot_product_attention(
-                    q.unsqueeze(0),
-                    self.k_cache[i, :, :end].unsqueeze(0),
-                    self.v_cache[i, :, :end].unsqueeze(0),
-                    attn_mask=masks[window],
-                    scale=self._scale,
-                    enable_gqa=cfg.num_heads != cfg.num_kv_heads,
-                )
-                x = x + F.linear(attn[0].transpose(0, 1).reshape(n, self._q_size), layer.wo, layer.bo)
+                attn = _attention(q, self.k_cache[i, :, :end], self.v_cache[i, :, :end], masks[window], self._scale)
+                x = x + F.linear(attn.transpose(0, 1).reshape(n, self._q_size), layer.wo, layer.bo)
             if i not in skip_mlp:
                 h = _rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
                 gate, up = F.linear(h, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
