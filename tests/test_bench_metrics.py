@@ -109,6 +109,24 @@ def test_only_questions_every_method_answered_count(tmp_path):
     assert s["results"]["fast"]["overall"]["speedup"] == pytest.approx(2.0)
 
 
+def test_exact_match_is_checked_against_the_same_implementation_s_plain_decoding():
+    ours, theirs = [1, 2, 3], [1, 2, 4]  # e.g. bf16 kernels of two implementations differ
+    rows = {
+        m: [record(Q2, m, [turn(3, 1.0, [1, 1, 1], tokens=t)])]
+        for m, t in (("vanilla", ours), ("pld", ours), ("hf-vanilla", theirs), ("hf-pld", theirs))
+    }
+    res = summarize({1: rows}, "hf-vanilla")["results"]
+    cells = {m: res[m]["overall"] for m in rows}
+    assert {m: c["exact_match_reference"] for m, c in cells.items()} == {
+        "vanilla": "hf-vanilla", "pld": "vanilla", "hf-vanilla": "hf-vanilla", "hf-pld": "hf-vanilla"
+    }  # fmt: skip
+    assert {m: c["exact_match"] for m, c in cells.items()} == {"vanilla": 0.0, "pld": 1.0, "hf-vanilla": 1.0, "hf-pld": 1.0}
+    assert cells["pld"]["exact_match_baseline"] == 0.0
+    # without our vanilla in the run, our methods are compared with the baseline
+    del rows["vanilla"]
+    assert summarize({1: rows}, "hf-vanilla")["results"]["pld"]["overall"]["exact_match_reference"] == "hf-vanilla"
+
+
 def test_exact_match_is_not_claimed_when_sampling(tmp_path):
     rows = hand_made(tmp_path)
     for r in rows["fast"] + rows["base"]:

@@ -95,6 +95,10 @@ def test_parse_methods_and_options():
     assert specs[1].options == {"max_ngram": 4} and specs[2].options == {"prompt_lookup_num_tokens": 5}
     assert [s.is_peer for s in specs] == [False, False, True, True]
     assert parse_methods("sps,hf-assisted")[0].needs_draft_model and parse_methods("hf-assisted")[0].needs_draft_model
+    from specdecode.drafters import METHODS
+
+    assert [s.name for s in parse_methods("ours,hf-vanilla")] == [*METHODS, "hf-vanilla"]
+    assert [s.name for s in parse_methods("all")] == [*METHODS, "hf-vanilla", "hf-pld", "hf-assisted"]
     assert default_baseline(["pld", "vanilla", "hf-vanilla"]) == "hf-vanilla"
     assert default_baseline(["pld", "vanilla"]) == "vanilla"
     for methods, options, message in [

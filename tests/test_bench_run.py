@@ -191,6 +191,8 @@ def _cli(*args):
         (["--methods", "vanilla,pld", "--baseline", "hf-vanilla"], "'hf-vanilla' is not among the methods"),
         (["-O", "pld.bogus=1"], "method 'pld'"),
         (["--model", "/nonexistent/model"], "/nonexistent/model"),
+        (["--warmup", "-1"], "warmup: expected an integer >= 0"),
+        (["--runs", "0"], "runs: expected a positive integer"),
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path, stories_path, args, message):
@@ -205,6 +207,13 @@ def test_malformed_question_file_error_names_the_line(tmp_path, stories_path):
     q.write_text('{"question_id": 1, "category": "qa", "turns": ["x"]}\n{"question_id": 2, "category": \n')
     result = _cli("--model", str(stories_path), "--questions", str(q), "--out", str(tmp_path / "o"))
     assert result.exit_code == 2 and f"{q}, line 2: not valid JSON" in result.output
+
+
+def test_a_prompt_longer_than_the_context_names_the_question(tmp_path, stories_path):
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question_id": 7, "category": "qa", "turns": ["Once upon a time " * 200]}) + "\n")
+    result = _cli("--model", str(stories_path), "--questions", str(q), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "question 7 (qa), turn 1: prompt: it has" in result.output
 
 
 def test_workers_without_ray_name_the_extra(tmp_path, stories_path, monkeypatch):

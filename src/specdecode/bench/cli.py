@@ -27,7 +27,8 @@ def bench(
     per_subtask: int = typer.Option(1, help="Questions per subtask (0 = all)."),
     max_new_tokens: int = typer.Option(64, help="Most new tokens per turn."),
     methods: str = typer.Option(
-        DEFAULT_METHODS, help="Comma-separated methods: ours (vanilla, sps, pld, ...) and hf-vanilla, hf-pld, hf-assisted."
+        DEFAULT_METHODS, help="Comma-separated methods: ours (vanilla, sps, pld, ...) and the peers hf-vanilla, hf-pld, "
+        "hf-assisted; 'ours', 'peers' and 'all' stand for groups."
     ),
     method_option: Optional[list[str]] = typer.Option(
         None, "--method-option", "-O", help="method.key=value, e.g. pld.max_ngram=4 (repeatable)."

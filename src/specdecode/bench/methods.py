@@ -59,9 +59,18 @@ def _parse_value(value: str) -> Any:
         return value
 
 
+GROUPS = {"ours": lambda: list(our_methods()), "peers": lambda: list(PEERS), "all": known_methods}
+
+
 def parse_methods(text: str, option_items: list[str] | None = None) -> list[MethodSpec]:
-    """``"vanilla,pld,hf-vanilla"`` and ``["pld.max_ngram=4"]`` -> method specs, in order."""
-    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    """``"vanilla,pld,hf-vanilla"`` and ``["pld.max_ngram=4"]`` -> method specs, in order.
+
+    ``ours`` stands for all our registered methods, ``peers`` for the hf-* ones, ``all`` for both.
+    """
+    names = []
+    for n in (text or "").split(","):
+        n = n.strip()
+        names.extend(GROUPS[n]() if n in GROUPS else [n] if n else [])
     if not names:
         raise InvalidArgument("methods", "expected at least one method")
     known = known_methods()

@@ -10,10 +10,17 @@ As in Spec-Bench's ``evaluation/speed.py``:
 One difference: speed.py counts the baseline's tokens by re-tokenizing its answer text; we use
 the ``new_tokens`` it recorded, the same count as for every other method.
 
-Added here: exact match (share of questions whose output tokens, every turn, equal the
-baseline's; only meaningful for greedy decoding, so it is None when sampling), acceptance rate
-(accepted / drafted tokens) and peak memory. Only questions every method answered in a run
-count, so that all methods are compared on the same prompts.
+Added here: exact match, acceptance rate (accepted / drafted tokens) and peak memory. Exact
+match is the share of questions whose output tokens, every turn, equal those of a reference
+(only meaningful for greedy decoding, so it is None when sampling). The reference is the plain
+decoding of the same implementation when it ran (our ``vanilla`` for our methods, ``hf-vanilla``
+for the peers), else the baseline; the two plain decodings are compared with the baseline.
+That way the column checks that each method is lossless: between two implementations, reduced
+precision (bf16) alone can change a greedy token, which says nothing about the method.
+``exact_match_baseline`` holds the comparison with the baseline for every method.
+
+Only questions every method answered in a run count, so that all methods are compared on the
+same prompts.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from .methods import PEERS
 from .questions import OVERALL, SUBTASKS, subtask_of
 
 Answers = dict[int, dict[str, list[dict[str, Any]]]]  # run -> method -> answer records
@@ -49,6 +57,12 @@ def _same_tokens(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
     if ta is None or tb is None:
         return None
     return ta == tb
+
+
+def exact_reference(method: str, methods: list[str], baseline: str) -> str:
+    """Whose output ``method``'s must equal: its own implementation's plain decoding, else the baseline."""
+    plain = "hf-vanilla" if method in PEERS else "vanilla"
+    return plain if method != plain and plain in methods else baseline
 
 
 def summarize(answers: Answers, baseline: str, methods: list[str] | None = None) -> dict[str, Any]:
@@ -81,8 +95,10 @@ def summarize(answers: Answers, baseline: str, methods: list[str] | None = None)
     for subtask in order:
         ids = groups[subtask]
         for m in methods:
+            reference = exact_reference(m, methods, baseline)
             speeds, speedups, accept, drafted, accepted = [], [], [], 0, 0
             matches: list[bool] = []
+            base_matches: list[bool] = []
             questions = 0
             sampled = False
             for by_method in per_run.values():
@@ -102,9 +118,10 @@ def summarize(answers: Answers, baseline: str, methods: list[str] | None = None)
                     accept.extend(choice["accept_lengths"])
                     drafted += sum(d for d in choice.get("drafted_tokens") or [] if d is not None)
                     accepted += sum(a for a in choice.get("accepted_draft_tokens") or [] if a is not None)
-                    same = _same_tokens(r, base[r["question_id"]])
-                    if same is not None:
-                        matches.append(same)
+                    for ref, found in ((by_method[reference], matches), (base, base_matches)):
+                        same = _same_tokens(r, ref[r["question_id"]])
+                        if same is not None:
+                            found.append(same)
             if not questions:
                 continue
             results[m][subtask] = {
@@ -116,6 +133,8 @@ def summarize(answers: Answers, baseline: str, methods: list[str] | None = None)
                 "mean_accepted_tokens": _mean(accept),
                 "acceptance_rate": accepted / drafted if drafted else None,
                 "exact_match": None if sampled or not matches else sum(matches) / len(matches),
+                "exact_match_reference": reference,
+                "exact_match_baseline": None if sampled or not base_matches else sum(base_matches) / len(base_matches),
             }
     peak = {}
     for m in methods:

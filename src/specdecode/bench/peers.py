@@ -19,13 +19,19 @@ from ..errors import ModelLoadError
 from .methods import TurnOutput
 
 
-def load_hf_model(path, dtype: torch.dtype, device: torch.device):
+def load_hf_model(path, dtype: torch.dtype, device: torch.device, progress: bool = True):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
+    if not progress:
+        logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds
         raise ModelLoadError(f"transformers cannot load a causal LM from {str(path)!r}: {e}") from None
+    finally:
+        if not progress:
+            logging.enable_progress_bar()
     return model.to(device).eval()
 
 

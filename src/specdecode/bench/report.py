@@ -76,7 +76,7 @@ def table_rows(summary: dict[str, Any]) -> list[list[list[str]]]:
                 _num(c["tokens_per_second"], ".1f", c["tokens_per_second_std"]),
                 _num(c["mean_accepted_tokens"], ".2f"),
                 _pct(c["acceptance_rate"]),
-                _pct(c["exact_match"]),
+                _pct(c["exact_match"]) + ("" if c["exact_match"] is None else f" vs {c['exact_match_reference']}"),
             ])  # fmt: skip
         if rows:
             groups.append(rows)
@@ -146,7 +146,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "speedup divides it by the baseline's on the same questions (Spec-Bench's `evaluation/speed.py`); "
         "± is the standard deviation over runs. Mean accepted is the mean number of tokens emitted per "
         "decoding step; accept rate is accepted / drafted tokens; exact match is the share of questions "
-        "whose output tokens equal the baseline's (greedy decoding only). See docs/bench.md.",
+        "whose output tokens equal those of the plain decoding of the same implementation (our vanilla for "
+        "our methods, hf-vanilla for the peers; greedy decoding only). See docs/bench.md.",
         "",
     ]
     return "\n".join(lines)

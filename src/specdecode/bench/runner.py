@@ -92,6 +92,8 @@ def run_bench(
     for name, value in (("runs", runs), ("workers", workers)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidArgument(name, f"expected a positive integer, got {value!r}")
+    if isinstance(config.warmup, bool) or not isinstance(config.warmup, int) or config.warmup < 0:
+        raise InvalidArgument("warmup", f"expected an integer >= 0, got {config.warmup!r}")
     if not isinstance(config.max_new_tokens, int) or config.max_new_tokens < 1:
         raise InvalidArgument("max_new_tokens", f"expected a positive integer, got {config.max_new_tokens!r}")
     missing_draft = [s.name for s in config.methods if s.needs_draft_model and not config.draft_model]
@@ -115,15 +117,24 @@ def run_bench(
     if resumed and progress:
         print(f"resuming: {resumed} answer(s) already in {out}", file=sys.stderr)
 
-    bar = _progress_bar(sum(len(ms) for _, _, ms in items), progress)
+    total = sum(len(ms) for _, _, ms in items)
+    bar = None  # started once the models are loaded and warm, so that its ETA is about answers
     answered = 0
     interrupted = False
     info: dict[str, Any] = {}
+
+    def start_bar() -> None:
+        nonlocal bar
+        bar = _progress_bar(total, progress)
+
     try:
+        if items and progress:
+            print(f"loading {config.model_name} for {len(names)} method(s), then warming up", file=sys.stderr)
         if items and workers == 1:
             worker = BenchWorker(config, progress=progress)
             info = worker.info()
             worker.warm_up(items[0][1])
+            start_bar()
             for k, (run, question, methods) in enumerate(items):
                 for method in _rotate(methods, k):
                     append_answer(answer_path(out, run, method), worker.answer(question, method))
@@ -140,13 +151,14 @@ def run_bench(
             items = [(run, q, _rotate(ms, k)) for k, (run, q, ms) in enumerate(items)]
             info = run_sharded(
                 config, items, out, workers=workers, ray_address=ray_address, warm_up_with=items[0][1],
-                on_answer=on_answer,
+                on_ready=start_bar, on_answer=on_answer,
             )  # fmt: skip
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: writing what was done (run the same command again to resume)", file=sys.stderr)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         for run in range(1, runs + 1):  # merge shards; leave each file sorted, one line per question
             for name in names:
                 records = merge_shards(out, run, name)

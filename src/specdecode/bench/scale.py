@@ -73,9 +73,13 @@ def run_sharded(
     workers: int,
     ray_address: str | None = None,
     warm_up_with: Question,
+    on_ready: Callable[[], None] = lambda: None,
     on_answer: Callable[[dict], None] = lambda record: None,
 ) -> dict:
     """Answer ``items`` on ``workers`` Ray actors. Returns the first worker's ``info()``.
+
+    ``on_ready`` is called once every actor has loaded its models and warmed up; ``on_answer``
+    with each answer as it arrives.
 
     Ctrl-C (KeyboardInterrupt) propagates after the actors are stopped; whatever they had
     answered is already in the shard files.
@@ -108,6 +112,7 @@ def run_sharded(
         try:
             ray.get([a.call.remote("warm_up", warm_up_with) for a in actors])
             info = ray.get(actors[0].call.remote("info"))
+            on_ready()
             queue: deque[Item] = deque(items)
             in_flight: dict = {}
 

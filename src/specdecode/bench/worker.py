@@ -94,7 +94,6 @@ class Memory:
 class BenchWorker:
     def __init__(self, config: BenchConfig, progress: bool = False):
         from ..engine import Engine
-        from ..hub import resolve_model
 
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -106,37 +105,53 @@ class BenchWorker:
         self.dtype_name = str(target.dtype).removeprefix("torch.")
         self.memory = Memory(target.device)
         self.runners: dict[str, Any] = {}
-        hf_target = None
+        self._hf_target = None
         for spec in config.methods:
             if spec.needs_draft_model and config.draft_model is None:
                 raise InvalidArgument("draft_model", f"method {spec.name!r} needs --draft-model")
-            if not spec.is_peer:
+            if spec.is_peer:
+                self.runners[spec.name] = self._peer(spec, progress)
+            else:
                 options = dict(spec.options)
                 if spec.needs_draft_model:
                     options["draft_model"] = config.draft_model
                 self.runners[spec.name] = OurMethod(self.engine.with_method(spec.name, progress=progress, **options))
-                continue
-            if hf_target is None:
-                shared = getattr(target, "model", None)  # the hf backend holds a transformers model
-                hf_target = shared if shared is not None else load_hf_model(self.engine.model_path, target.dtype, target.device)
-            assistant = None
-            if spec.name == "hf-assisted":
-                assistant = load_hf_model(resolve_model(str(config.draft_model), progress=progress), target.dtype, target.device)
-            self.runners[spec.name] = HFPeer(
-                spec.name, spec.options, hf_target, eos_ids=self.engine.eos_ids,
-                pad_id=getattr(self.engine.tokenizer, "pad_token_id", None), max_length=target.max_length,
-                assistant=assistant,
-            )  # fmt: skip
         self.specs = {s.name: s for s in config.methods}
+
+    def _peer(self, spec: MethodSpec, progress: bool) -> HFPeer:
+        from ..hub import resolve_model
+
+        target = self.engine.target
+        if self._hf_target is None:  # one transformers copy of the target for all peers
+            shared = getattr(target, "model", None)  # the hf backend already holds one
+            self._hf_target = shared if shared is not None else load_hf_model(
+                self.engine.model_path, target.dtype, target.device, progress
+            )  # fmt: skip
+        assistant = None
+        if spec.name == "hf-assisted":
+            draft_path = resolve_model(str(self.config.draft_model), progress=progress)
+            assistant = load_hf_model(draft_path, target.dtype, target.device, progress)
+        return HFPeer(
+            spec.name, spec.options, self._hf_target, eos_ids=self.engine.eos_ids,
+            pad_id=getattr(self.engine.tokenizer, "pad_token_id", None), max_length=target.max_length,
+            assistant=assistant,
+        )  # fmt: skip
 
     def _sync(self) -> None:
         if self.engine.target.device.type == "cuda":
             torch.cuda.synchronize(self.engine.target.device)
 
+    def _encode(self, conversation: Conversation, turn: str, question: Question, number: int) -> list[int]:
+        try:
+            return self.engine.encode(conversation.ask(turn))
+        except InvalidArgument as e:  # e.g. a prompt longer than the model's context
+            where = f"question {question.question_id} ({question.category}), turn {number}"
+            raise InvalidArgument("questions", f"{where}: {e}") from None
+
     def warm_up(self, question: Question) -> None:
         """Run each method on the question's first turn, untimed: first calls pay for lazy
         initialisation (allocators, kernels, caches) that would otherwise land on one method."""
-        ids = self.engine.encode(Conversation(self.engine.tokenizer).ask(question.turns[0]))
+        ids = self._encode(Conversation(self.engine.tokenizer), question.turns[0], question, 1)
         for _ in range(self.config.warmup):
             for runner in self.runners.values():
                 runner.run_turn(ids, min(self.config.max_new_tokens, 32), self.config.temperature, self.config.seed)
@@ -147,8 +162,8 @@ class BenchWorker:
         runner, cfg = self.runners[method], self.config
         conversation = Conversation(self.engine.tokenizer)
         turns = []
-        for turn in question.turns:
-            ids = self.engine.encode(conversation.ask(turn))
+        for number, turn in enumerate(question.turns, 1):
+            ids = self._encode(conversation, turn, question, number)
             self._sync()
             self.memory.start()
             start = time.perf_counter()
