@@ -160,6 +160,14 @@ def test_interrupted_run_resumes_without_duplicates_or_gaps(tmp_path, stories_pa
     assert second.summary["results"]["vanilla"]["overall"]["tokens_per_second_std"] is not None
 
 
+def test_sampling_runs_every_method_and_claims_no_exact_match(tmp_path, stories_path):
+    out = tmp_path / "sampled"
+    cfg = config(stories_path, "vanilla,pld,hf-vanilla", temperature=0.8, max_new_tokens=6)
+    done = run_bench(cfg, questions(subtasks=["qa"]), out, progress=False, file=io.StringIO())
+    assert {read_answers(answer_path(out, 1, m))[0]["config"]["temperature"] for m in ("vanilla", "hf-vanilla")} == {0.8}
+    assert all(done.summary["results"][m]["overall"]["exact_match"] is None for m in ("vanilla", "pld", "hf-vanilla"))
+
+
 def test_resume_refuses_answers_of_another_model(tmp_path, stories_path):
     out = tmp_path / "other"
     path = answer_path(out, 1, "vanilla")
