@@ -221,6 +221,23 @@ def test_report_rebuilds_table_markdown_json_and_plots(tmp_path, capsys):
     assert json.loads((tmp_path / "summary.json").read_text())["baseline"] == "base"
 
 
+def test_plain_text_table_without_rich(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    from specdecode.bench.report import print_table
+
+    summary = summarize({1: hand_made(tmp_path)}, "base")
+    monkeypatch.setitem(sys.modules, "rich.console", None)  # `from rich.console import ...` fails
+    buf = io.StringIO()
+    print_table(summary, "title", buf)
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "title" and lines[1].split()[:3] == ["subtask", "method", "speedup"]
+    assert any(line.split()[:3] == ["mt_bench", "base", "1.00x"] for line in lines)
+    assert any(line.split()[:2] == ["fast", "2.00x"] for line in lines)
+    assert lines[-1].startswith("peak memory")
+
+
 def test_report_errors(tmp_path):
     with pytest.raises(InvalidArgument, match="no answers"):
         build_report(tmp_path)

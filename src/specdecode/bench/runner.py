@@ -70,6 +70,34 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, desc="bench", unit="answer", disable=not enabled or total == 0, dynamic_ncols=True)
 
 
+def _check(config: BenchConfig, names: list[str], baseline: str, runs: int, workers: int) -> None:
+    if baseline not in names:
+        raise InvalidArgument("baseline", f"{baseline!r} is not among the methods ({', '.join(names)})")
+    for name, value in (("runs", runs), ("workers", workers), ("max_new_tokens", config.max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgument(name, f"expected a positive integer, got {value!r}")
+    if isinstance(config.warmup, bool) or not isinstance(config.warmup, int) or config.warmup < 0:
+        raise InvalidArgument("warmup", f"expected an integer >= 0, got {config.warmup!r}")
+    if config.temperature < 0:
+        raise InvalidArgument("temperature", f"expected >= 0, got {config.temperature!r}")
+    missing_draft = [s.name for s in config.methods if s.needs_draft_model and not config.draft_model]
+    if missing_draft:
+        raise InvalidArgument("draft_model", f"method {missing_draft[0]!r} needs --draft-model")
+    if workers > 1:
+        from .scale import import_ray
+
+        import_ray()  # fail now, with the name of the extra, not after the models are loaded
+
+
+def _resolve_models(config: BenchConfig, progress: bool) -> BenchConfig:
+    """Resolve (and pull) the models once, here: a bad name fails before any work starts, and
+    Ray workers, which may start in another directory, get absolute paths."""
+    resolved = {"model": str(resolve_model(str(config.model), progress=progress).absolute())}
+    if config.draft_model:
+        resolved["draft_model"] = str(resolve_model(str(config.draft_model), progress=progress).absolute())
+    return BenchConfig(**{**config.__dict__, **resolved})
+
+
 def run_bench(
     config: BenchConfig,
     questions: list[Question],
@@ -84,33 +112,14 @@ def run_bench(
     plots: bool = True,
     file: TextIO | None = None,
 ) -> BenchOutcome:
-    """Answer ``questions`` with every method of ``config``; write answers and the report to ``out``."""
+    """Answer ``questions`` with every method of ``config``; write answers and the report to ``out``.
+
+    Ctrl-C stops the run; what was answered is kept and summarized (``interrupted`` is set).
+    """
     names = [s.name for s in config.methods]
     baseline = baseline or default_baseline(names)
-    if baseline not in names:
-        raise InvalidArgument("baseline", f"{baseline!r} is not among the methods ({', '.join(names)})")
-    for name, value in (("runs", runs), ("workers", workers)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgument(name, f"expected a positive integer, got {value!r}")
-    if isinstance(config.warmup, bool) or not isinstance(config.warmup, int) or config.warmup < 0:
-        raise InvalidArgument("warmup", f"expected an integer >= 0, got {config.warmup!r}")
-    if not isinstance(config.max_new_tokens, int) or config.max_new_tokens < 1:
-        raise InvalidArgument("max_new_tokens", f"expected a positive integer, got {config.max_new_tokens!r}")
-    missing_draft = [s.name for s in config.methods if s.needs_draft_model and not config.draft_model]
-    if missing_draft:
-        raise InvalidArgument("draft_model", f"method {missing_draft[0]!r} needs --draft-model")
-    if workers > 1:
-        from .scale import import_ray
-
-        import_ray()  # fail now, with the name of the extra, not after the models are loaded
-    if config.temperature < 0:
-        raise InvalidArgument("temperature", f"expected >= 0, got {config.temperature!r}")
-    # Resolve (and pull) the models once, here: a bad name fails before any work starts, and
-    # Ray workers, which may start in another directory, get absolute paths.
-    resolved = {"model": str(resolve_model(str(config.model), progress=progress).absolute())}
-    if config.draft_model:
-        resolved["draft_model"] = str(resolve_model(str(config.draft_model), progress=progress).absolute())
-    config = BenchConfig(**{**config.__dict__, **resolved})
+    _check(config, names, baseline, runs, workers)
+    config = _resolve_models(config, progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     items, resumed = plan(config, questions, out, runs, overwrite)
@@ -127,6 +136,11 @@ def run_bench(
         nonlocal bar
         bar = _progress_bar(total, progress)
 
+    def on_answer(record: dict) -> None:
+        nonlocal answered
+        answered += 1
+        bar.update(1)
+
     try:
         if items and progress:
             print(f"loading {config.model_name} for {len(names)} method(s), then warming up", file=sys.stderr)
@@ -137,16 +151,11 @@ def run_bench(
             start_bar()
             for k, (run, question, methods) in enumerate(items):
                 for method in _rotate(methods, k):
-                    append_answer(answer_path(out, run, method), worker.answer(question, method))
-                    answered += 1
-                    bar.update(1)
+                    record = worker.answer(question, method)
+                    append_answer(answer_path(out, run, method), record)
+                    on_answer(record)
         elif items:
             from .scale import run_sharded
-
-            def on_answer(record: dict) -> None:
-                nonlocal answered
-                answered += 1
-                bar.update(1)
 
             items = [(run, q, _rotate(ms, k)) for k, (run, q, ms) in enumerate(items)]
             info = run_sharded(
@@ -165,7 +174,6 @@ def run_bench(
                 if records:
                     write_answers(answer_path(out, run, name), records)
 
-    asked = {q.question_id for q in questions}
     if not any(read_answers(answer_path(out, r, baseline)) for r in range(1, runs + 1)):
         print(f"no answers of the baseline {baseline!r} yet: nothing to report", file=file or sys.stdout)
         return BenchOutcome(None, interrupted, answered, resumed)
@@ -177,6 +185,7 @@ def run_bench(
         "workers": workers,
         **info,
     }
+    asked = {q.question_id for q in questions}
     summary = build_report(
         out, baseline=baseline, methods=names, question_ids=asked, runs=runs, meta=meta, file=file, plots=plots
     )

@@ -12,7 +12,7 @@ before the clock starts and the answer decoded to text after it stops.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ class BenchConfig:
     backend: str = "auto"
     threads: int | None = None
     warmup: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_name(self) -> str:
