@@ -117,7 +117,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         f"- Created {meta['created']}; runs: {len(summary['runs'])}; baseline: `{summary['baseline']}`.",
         f"- Settings: max_new_tokens={config.get('max_new_tokens')}, temperature={config.get('temperature')}, "
-        f"dtype={config.get('dtype')}, device={meta.get('device', '?')}, threads={meta.get('threads', '?')}.",
+        f"dtype={meta.get('dtype', config.get('dtype'))}, device={meta.get('device', '?')}, threads={meta.get('threads', '?')}.",
         "- Questions per subtask: " + ", ".join(f"{s} {n}" for s, n in summary["questions"].items()) + ".",
     ]
     if meta.get("options"):
