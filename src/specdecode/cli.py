@@ -116,11 +116,57 @@ def list_models():
         print(f"{m.name:22} {'cached ' if here else 'not yet'}  {m.description}")
 
 
+@app.command()
+def tune(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model folder or known name."),
+    out: str = typer.Option(..., "--out", help="Skip-set file to write (JSON); reused with -o skip_set_file=..."),
+    questions: Optional[str] = typer.Option(None, help="Spec-Bench question.jsonl (default: the built-in suite)."),
+    task: Optional[str] = typer.Option(None, help="Tune on one subtask only, and record it in the file."),
+    max_new_tokens: int = typer.Option(128, help="Tokens generated per prompt while tuning."),
+    max_prompts: int = typer.Option(50, help="Most prompts to run before giving up."),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="SWIFT option key=value (repeatable)."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+):
+    """Run SWIFT's layer-set search over prompts until it settles, and save the chosen set."""
+    from pathlib import Path
+
+    from .bench.questions import default_questions_path, load_questions, subtask_of
+    from .engine import Engine
+
+    try:
+        engine = Engine.from_pretrained(
+            model, "swift", dtype=dtype, device=device, task=task, **method_options(option), optimize=True
+        )
+        drafter = engine.drafter
+        items = load_questions(questions or default_questions_path())
+        if task is not None:
+            items = [q for q in items if subtask_of(q.category) == task]
+            if not items:
+                fail(f"--task: no question of subtask {task!r}")
+        for i, q in enumerate(items[:max_prompts]):
+            r = engine.generate([{"role": "user", "content": q.turns[0]}] if engine.tokenizer.chat_template else q.turns[0],
+                                max_new_tokens=max_new_tokens)  # fmt: skip
+            s = drafter.state
+            typer.echo(
+                f"prompt {i + 1}: score {s.score if s.score is None else round(s.score, 3)} after {s.steps} candidates "
+                f"({s.seconds:.1f}s); mean accepted tokens {r.stats.mean_accepted_tokens:.2f}",
+                err=True,
+            )
+            if s.done:
+                break
+        drafter.save(Path(out))
+        s = drafter.state
+        typer.echo(f"saved {out}: skip attention {s.attention}, mlp {s.mlp}, score {s.score}, {'settled' if s.done else 'still searching'}")
+    except (SpecDecodeError, TypeError) as e:
+        fail(str(e))
+
+
 def _register_optional_commands() -> None:
-    """Subcommands of other features register here (bench, serve, tune)."""
+    """Subcommands of other features register here (bench, serve)."""
     import importlib
 
-    for module in ("specdecode.bench.cli", "specdecode.server.cli", "specdecode.swift.cli"):
+    for module in ("specdecode.bench.cli", "specdecode.server.cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -10,7 +10,12 @@ class InvalidArgument(SpecDecodeError, ValueError):
 
     def __init__(self, argument: str, message: str):
         self.argument = argument
+        self.message = message
         super().__init__(f"{argument}: {message}")
+
+    def __reduce__(self):
+        # Rebuilt from both arguments, so it can cross process boundaries (Ray workers).
+        return (type(self), (self.argument, self.message))
 
 
 class ModelLoadError(SpecDecodeError):

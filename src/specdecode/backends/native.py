@@ -149,22 +149,47 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
+def _can_pack(dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+
+
+class _Linear:
+    """y = x W^T + b.
+
+    On CPU in bf16 the weight is pre-packed once into oneDNN's blocked layout: decoding's
+    products of 1-16 rows read it at ~1.7x the bandwidth of F.linear's plain layout, with
+    bitwise the same results (same kernel, and still independent of the number of rows).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool):
+        self.bias = bias
+        self.packed = pack
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if pack else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 class _Layer:
     """Weights of one decoder layer. q/k/v and gate/up are fused: one matmul each."""
 
-    def __init__(self, t: dict[str, torch.Tensor], cfg: NativeConfig):
+    def __init__(self, t: dict[str, torch.Tensor], cfg: NativeConfig, pack: bool):
         self.attn_norm = t["input_layernorm.weight"]
         self.mlp_norm = t["post_attention_layernorm.weight"]
-        self.wqkv = torch.cat([t[f"self_attn.{n}_proj.weight"] for n in "qkv"])
-        self.bqkv = torch.cat([t[f"self_attn.{n}_proj.bias"] for n in "qkv"]) if cfg.qkv_bias else None
-        self.wo = t["self_attn.o_proj.weight"]
-        self.bo = t["self_attn.o_proj.bias"] if cfg.o_bias else None
-        self.w_gate_up = torch.cat([t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"]])
-        self.b_gate_up = (
-            torch.cat([t["mlp.gate_proj.bias"], t["mlp.up_proj.bias"]]) if cfg.mlp_bias else None
+        self.qkv = _Linear(
+            torch.cat([t[f"self_attn.{n}_proj.weight"] for n in "qkv"]),
+            torch.cat([t[f"self_attn.{n}_proj.bias"] for n in "qkv"]) if cfg.qkv_bias else None,
+            pack,
         )
-        self.w_down = t["mlp.down_proj.weight"]
-        self.b_down = t["mlp.down_proj.bias"] if cfg.mlp_bias else None
+        self.o = _Linear(t["self_attn.o_proj.weight"], t["self_attn.o_proj.bias"] if cfg.o_bias else None, pack)
+        self.gate_up = _Linear(
+            torch.cat([t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"]]),
+            torch.cat([t["mlp.gate_proj.bias"], t["mlp.up_proj.bias"]]) if cfg.mlp_bias else None,
+            pack,
+        )
+        self.down = _Linear(t["mlp.down_proj.weight"], t["mlp.down_proj.bias"] if cfg.mlp_bias else None, pack)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -206,16 +231,18 @@ class NativeBackend(Backend):
         get = self._getter(raw, path)
         self.embed = get("model.embed_tokens.weight")
         self.norm = get("model.norm.weight")
+        pack = _can_pack(self.dtype, self.device)
         if cfg.tie_word_embeddings:
-            self.lm_head = self.embed
+            # Shared with the embedding table, so left unpacked: no second copy in memory.
+            self.lm_head = _Linear(self.embed, None, pack=False)
         else:
-            self.lm_head = get("lm_head.weight")
+            self.lm_head = _Linear(get("lm_head.weight"), None, pack)
         self.layers = []
         for i in range(cfg.num_layers):
             prefix = f"model.layers.{i}."
             names = [k[len(prefix):] for k in raw if k.startswith(prefix)]
             try:
-                self.layers.append(_Layer({n: get(prefix + n) for n in names}, cfg))
+                self.layers.append(_Layer({n: get(prefix + n) for n in names}, cfg, pack))
             except KeyError as e:
                 raise ModelLoadError(f"weights in {str(path)!r} lack tensor {prefix}{e.args[0]}") from None
         del raw
@@ -259,13 +286,20 @@ class NativeBackend(Backend):
 
     # ---- forward ------------------------------------------------------------------------------
     def _mask(
-        self, start: int, n: int, positions: torch.Tensor, tree_mask: torch.Tensor | None, window: int | None
+        self,
+        start: int,
+        n: int,
+        positions: torch.Tensor,
+        tree_mask: torch.Tensor | None,
+        window: int | None,
+        context: int,
     ) -> torch.Tensor | None:
         """Bool mask [n, start + n]: True where a block token may attend."""
-        if n == 1 and tree_mask is None and (window is None or start < window):
+        if n == 1 and tree_mask is None and context == start and (window is None or start < window):
             return None  # one new token sees the whole cache: no mask needed
         block = tree_mask if tree_mask is not None else torch.ones(n, n, dtype=torch.bool).tril_()
-        mask = torch.cat([torch.ones(n, start, dtype=torch.bool), block.to("cpu", torch.bool)], dim=1)
+        seen = torch.arange(start) < context
+        mask = torch.cat([seen.expand(n, start), block.to("cpu", torch.bool)], dim=1)
         mask = mask.to(self.device)
         if window is not None:
             # Sliding window on positions, as transformers: keep keys with q_pos - k_pos < window.
@@ -282,10 +316,15 @@ class NativeBackend(Backend):
         tree_mask: torch.Tensor | None = None,
         skip: SkipSet | None = None,
         logits_rows: torch.Tensor | slice | None = slice(None),
+        context: int | None = None,
     ) -> torch.Tensor | None:
+        """See ``Backend.forward``. Native only: ``context`` limits what the block sees of the
+        cache to its first ``context`` tokens (scoring a layer set on text already decoded,
+        without disturbing the cache)."""
         cfg = self.config
         n = int(input_ids.shape[0])
         start = self.length
+        context = start if context is None else context
         if start + n > self.max_length:
             raise ValueError(f"context overflow: {start} cached + {n} new > {self.max_length} tokens")
         input_ids = input_ids.to(self.device)
@@ -304,7 +343,7 @@ class NativeBackend(Backend):
         for i, layer in enumerate(self.layers):
             if i not in skip_attn:
                 h = _rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-                qkv = F.linear(h, layer.wqkv, layer.bqkv)
+                qkv = layer.qkv(h)
                 q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
                 q = _rotate(q.view(n, cfg.num_heads, cfg.head_dim).transpose(0, 1), cos, sin)
                 k = _rotate(k.view(n, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1), cos, sin)
@@ -312,15 +351,15 @@ class NativeBackend(Backend):
                 self.v_cache[i, :, start:end] = v.view(n, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
                 window = cfg.sliding_windows[i]
                 if window not in masks:
-                    masks[window] = self._mask(start, n, positions, tree_mask, window)
+                    masks[window] = self._mask(start, n, positions, tree_mask, window, context)
                 attn = _attention(q, self.k_cache[i, :, :end], self.v_cache[i, :, :end], masks[window], self._scale)
-                x = x + F.linear(attn.transpose(0, 1).reshape(n, self._q_size), layer.wo, layer.bo)
+                x = x + layer.o(attn.transpose(0, 1).reshape(n, self._q_size))
             if i not in skip_mlp:
                 h = _rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
-                gate, up = F.linear(h, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
-                x = x + F.linear(F.silu(gate) * up, layer.w_down, layer.b_down)
+                gate, up = layer.gate_up(h).chunk(2, dim=-1)
+                x = x + layer.down(F.silu(gate) * up)
         self.length = end
         if logits_rows is None:
             return None
         x = _rms_norm(x[logits_rows], self.norm, cfg.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return self.lm_head(x).float()

@@ -39,11 +39,6 @@ def _unwrap(error: Exception) -> Exception:
     return cause if isinstance(cause, SpecDecodeError) else error
 
 
-class WorkerError(SpecDecodeError):
-    """One of our errors, raised in a Ray worker, carried to the driver by its message
-    (``InvalidArgument``'s two-argument constructor does not survive Ray's pickling)."""
-
-
 class _Actor:
     """The Ray actor around a BenchWorker. An error while loading is kept and raised by each
     call, so that it reaches the driver as our own error (a failed actor constructor would
@@ -57,12 +52,9 @@ class _Actor:
             self.error = e
 
     def call(self, name: str, *args):
-        try:
-            if self.error is not None:
-                raise self.error
-            return getattr(self.worker, name)(*args)
-        except SpecDecodeError as e:
-            raise WorkerError(str(e)) from None
+        if self.error is not None:
+            raise self.error
+        return getattr(self.worker, name)(*args)
 
 
 def run_sharded(

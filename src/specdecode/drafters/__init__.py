@@ -5,11 +5,13 @@ from __future__ import annotations
 from .base import Drafter, VanillaDrafter
 from .pld import PromptLookupDrafter
 from .sps import DraftModelDrafter
+from .swift import SwiftDrafter
 
 METHODS: dict[str, type[Drafter]] = {
     "vanilla": VanillaDrafter,
     "sps": DraftModelDrafter,
     "pld": PromptLookupDrafter,
+    "swift": SwiftDrafter,
 }
 
-__all__ = ["METHODS", "Drafter", "DraftModelDrafter", "PromptLookupDrafter", "VanillaDrafter"]
+__all__ = ["METHODS", "Drafter", "DraftModelDrafter", "PromptLookupDrafter", "SwiftDrafter", "VanillaDrafter"]
