@@ -87,12 +87,17 @@ def test_tree_attention_equals_each_path(tiny_models, arch):
         ref_model.reset()
         ref = ref_model.forward(seq, logits_rows=slice(-1, None))[0]
         assert torch.allclose(tree[node + 1], ref, atol=TOL, rtol=0), (node, (tree[node + 1] - ref).abs().max())
-    # Keep the path root -> d -> e: the cache then equals running that path plainly.
-    nb.keep(start, [0, 4, 5])
-    nxt = nb.forward(torch.tensor([99]))[0]
-    ref_model.reset()
-    ref = ref_model.forward(torch.cat([prefix, torch.tensor([14, 15, 99])]), logits_rows=slice(-1, None))[0]
-    assert torch.allclose(nxt, ref, atol=TOL, rtol=0)
+    # Keep a path: the cache then equals running that path plainly (root -> d -> e moves
+    # entries; root -> a -> b keeps the rows in place, which the leaves' attention must not
+    # have disturbed).
+    for rows, toks in (([0, 4, 5], [14, 15]), ([0, 1, 2], [11, 12])):
+        nb.truncate(start)
+        nb.forward(block, positions=positions, tree_mask=draft.tree_mask())
+        nb.keep(start, rows)
+        nxt = nb.forward(torch.tensor([99]))[0]
+        ref_model.reset()
+        ref = ref_model.forward(torch.cat([prefix, torch.tensor(toks + [99])]), logits_rows=slice(-1, None))[0]
+        assert torch.allclose(nxt, ref, atol=TOL, rtol=0), rows
 
 
 def test_skipping_every_sublayer_leaves_embedding_only(stories_path):
@@ -118,3 +123,46 @@ def test_bf16_close_to_float32(stories_path):
     b16 = NativeBackend(stories_path, dtype=torch.bfloat16).forward(ids)
     assert b16.dtype == torch.float32  # logits always come back in float32
     assert (f32.argmax(-1) == b16.argmax(-1)).float().mean() > 0.8
+
+
+@pytest.fixture(scope="module")
+def wide_heads(tmp_path_factory, stories_path):
+    """SmolLM2-135M's attention shape (9 heads of 64, 3 KV heads) on 2 small layers: big enough
+    for the matmul kernels to change their reduction order with the number of rows."""
+    from .conftest import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("wide") / "m", "llama", hidden_size=576, num_attention_heads=9,
+                           num_key_value_heads=3, num_hidden_layers=2, intermediate_size=256,
+                           max_position_embeddings=2048)  # fmt: skip
+
+
+def test_bf16_block_logits_equal_one_token_at_a_time(wide_heads):
+    """Bitwise, in bf16, over long contexts: a token's logits in a verification block (chain or
+    tree) are exactly those of decoding it alone. This is what makes greedy speculation repeat
+    plain greedy decoding exactly, not just up to rounding."""
+    nb = NativeBackend(wide_heads, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    for length in (421, 527, 739, 951):
+        for n in (2, 5, 9, 16):
+            nb.reset()
+            nb.forward(torch.randint(3, 512, (length,), generator=gen), logits_rows=None)
+            block = torch.randint(3, 512, (n,), generator=gen)
+            together = nb.forward(block)
+            nb.truncate(length)
+            alone = torch.cat([nb.forward(block[i : i + 1]) for i in range(n)])
+            assert torch.equal(together, alone), (length, n)
+    # A tree: spine rows first, then leaves.
+    draft = Draft(tokens=[11, 12, 13, 14, 15, 16, 17], parents=[-1, 0, 1, -1, 0, 1, 2])
+    nb.reset()
+    nb.forward(torch.randint(3, 512, (700,), generator=gen), logits_rows=None)
+    tree = nb.forward(torch.tensor([9] + draft.tokens), positions=torch.tensor([0] + draft.depths()) + 700,
+                      tree_mask=draft.tree_mask())  # fmt: skip
+    for node in range(len(draft)):
+        path, m = [], node
+        while m >= 0:
+            path.append(draft.tokens[m])
+            m = draft.parents[m]
+        nb.truncate(700)
+        for tok in [9] + path[::-1]:
+            last = nb.forward(torch.tensor([tok]))
+        assert torch.equal(last[0], tree[node + 1]), node

@@ -124,15 +124,14 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * h.to(x.dtype)
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Attention of q [H, T, hd] over k, v [KV, L, hd] (grouped-query), in float32.
+# Blocks up to this many tokens (decoding steps, verification of drafts) attend row by row.
+ROWWISE_MAX_BLOCK = 32
 
-    Written out rather than calling scaled_dot_product_attention because every row here is
-    computed the same way whatever T is: a token's output in a verification block is bit for
-    bit what it is when decoded alone, so speculative decoding matches plain decoding exactly
-    even in bf16 (fused attention kernels pick different reduction orders for different block
-    sizes). Attention reads only the cache, a small cost next to the weights.
-    """
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Attention of q [H, T, hd] over k, v [KV, L, hd] (grouped-query), in float32, one matmul
+    for the whole block: for long blocks (prefill) and scoring, where exactness per row is not
+    needed."""
     heads, n, hd = q.shape
     kv = k.shape[0]
     qf = q.float().reshape(kv, heads // kv * n, hd)
@@ -141,6 +140,78 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
         scores = scores.view(kv, heads // kv, n, -1).masked_fill_(~mask, float("-inf")).view(kv, -1, mask.shape[-1])
     out = torch.matmul(scores.softmax(dim=-1), v.float())  # [KV, G*T, hd]
     return out.view(heads, n, hd).to(q.dtype)
+
+
+def _row_plans(
+    start: int, n: int, positions: list[int], tree_mask: torch.Tensor | None, window: int | None
+) -> list[tuple]:
+    """For each block row, the cache slots it attends to, in order:
+
+    ("range", lo, hi)            slots lo .. hi-1 (a decoding step; a chain; a tree's spine)
+    ("prefix_self", lo, hi, r)   slots lo .. hi-1, then the row's own slot r (a tree leaf whose
+                                 ancestors are the first rows of the block)
+    ("index", slots)             anything else, gathered
+    """
+    plans: list[tuple] = []
+    tm = tree_mask.to("cpu", torch.bool).tolist() if tree_mask is not None else None
+    for t in range(n):
+        p = positions[t]
+        lo = 0 if window is None else max(0, p - window + 1)
+        if tm is None:  # a chain: positions are slots
+            plans.append(("range", lo, start + t + 1))
+            continue
+        anc = [j for j in range(t) if tm[t][j]]
+        if lo == 0 and anc == list(range(len(anc))):
+            if t == len(anc):
+                plans.append(("range", 0, start + t + 1))
+            else:
+                plans.append(("prefix_self", 0, start + len(anc), start + t))
+            continue
+        seen = [j for j in anc + [t] if window is None or p - positions[j] < window]
+        plans.append(("index", list(range(lo, start)) + [start + j for j in seen]))
+    # A leaf's trick overwrites the slot just after its prefix; that slot must hold a row that
+    # is itself a plain range (never another leaf's own key).
+    leaves = {plan[3] for plan in plans if plan[0] == "prefix_self"}
+    for t, plan in enumerate(plans):
+        if plan[0] == "prefix_self" and plan[2] in leaves:
+            plans[t] = ("index", list(range(plan[1], plan[2])) + [plan[3]])
+    return plans
+
+
+def _attention_rowwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plans: list[tuple], scale: float) -> torch.Tensor:
+    """Attention of q [H, T, hd] over the cache k, v [KV, L, hd], one row at a time.
+
+    Each row is computed exactly as when its token is decoded alone: the same matmul shapes
+    over the same keys in the same order. So a token's output in a verification block is bit
+    for bit what plain decoding gives, even in bf16 (a batched matmul's reduction order depends
+    on how many rows share it); speculative decoding then repeats plain decoding exactly.
+    """
+    heads, n, hd = q.shape
+    kv = k.shape[0]
+    qf = q.float()
+    leaves = [t for t, plan in enumerate(plans) if plan[0] == "prefix_self"]
+    # Float32 copies, private ones when the leaf trick below edits them (in a float32 model
+    # .float() would return the cache itself).
+    kf, vf = k.to(torch.float32, copy=bool(leaves)), v.to(torch.float32, copy=bool(leaves))
+    out = torch.empty(heads, n, hd, dtype=torch.float32, device=q.device)
+
+    def attend(t: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        scores = torch.matmul(qf[:, t].reshape(kv, heads // kv, hd), keys.transpose(1, 2)).mul_(scale)
+        out[:, t] = torch.matmul(scores.softmax(dim=-1), values).reshape(heads, hd)
+
+    for t, plan in enumerate(plans):
+        if plan[0] == "range":
+            attend(t, kf[:, plan[1] : plan[2]], vf[:, plan[1] : plan[2]])
+        elif plan[0] == "index":
+            idx = torch.tensor(plan[1], device=q.device)
+            attend(t, kf[:, idx], vf[:, idx])
+    # Leaves last, deepest first: each puts its own key/value right after its prefix (a slot no
+    # later row reads) and attends to one contiguous run, as plain decoding would.
+    for t in sorted(leaves, key=lambda t: -plans[t][2]):
+        _, lo, hi, own = plans[t]
+        kf[:, hi], vf[:, hi] = kf[:, own], vf[:, own]
+        attend(t, kf[:, lo : hi + 1], vf[:, lo : hi + 1])
+    return out.to(q.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -334,6 +405,8 @@ class NativeBackend(Backend):
             positions = positions.to(self.device)
         cos = self._cos[positions].unsqueeze(0)  # [1, n, hd]
         sin = self._sin[positions].unsqueeze(0)
+        rowwise = n <= ROWWISE_MAX_BLOCK and context == start
+        plans: dict[int | None, list[tuple]] = {}
         masks: dict[int | None, torch.Tensor | None] = {}
         skip_attn = skip.attention if skip else frozenset()
         skip_mlp = skip.mlp if skip else frozenset()
@@ -350,9 +423,15 @@ class NativeBackend(Backend):
                 self.k_cache[i, :, start:end] = k
                 self.v_cache[i, :, start:end] = v.view(n, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
                 window = cfg.sliding_windows[i]
-                if window not in masks:
-                    masks[window] = self._mask(start, n, positions, tree_mask, window, context)
-                attn = _attention(q, self.k_cache[i, :, :end], self.v_cache[i, :, :end], masks[window], self._scale)
+                keys, values = self.k_cache[i, :, :end], self.v_cache[i, :, :end]
+                if rowwise:
+                    if window not in plans:
+                        plans[window] = _row_plans(start, n, positions.tolist(), tree_mask, window)
+                    attn = _attention_rowwise(q, keys, values, plans[window], self._scale)
+                else:
+                    if window not in masks:
+                        masks[window] = self._mask(start, n, positions, tree_mask, window, context)
+                    attn = _attention(q, keys, values, masks[window], self._scale)
                 x = x + layer.o(attn.transpose(0, 1).reshape(n, self._q_size))
             if i not in skip_mlp:
                 h = _rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
