@@ -166,3 +166,22 @@ def test_bf16_block_logits_equal_one_token_at_a_time(wide_heads):
         for tok in [9] + path[::-1]:
             last = nb.forward(torch.tensor([tok]))
         assert torch.equal(last[0], tree[node + 1]), node
+
+
+def test_linear_cuts_blocks_where_the_kernel_changes(monkeypatch):
+    """A kernel whose arithmetic changes above 4 rows is detected at load time, and longer
+    verification blocks are cut into chunks of 4: each row still equals the row done alone."""
+    from specdecode.backends import native
+
+    def drifting(self, x):  # rounding that depends on the number of rows, as real kernels may
+        return torch.nn.functional.linear(x, self.weight, self.bias) + (1e-3 if x.shape[0] > 4 else 0.0)
+
+    monkeypatch.setattr(native._Linear, "_apply", drifting)
+    monkeypatch.setattr(native._Linear, "_max_rows_by_shape", {})
+    w = torch.randn(8, 16)
+    lin = native._Linear(w, None, pack=False)
+    assert lin.max_rows == 4
+    x = torch.randn(10, 16)
+    alone = torch.cat([lin(x[i : i + 1]) for i in range(10)])
+    assert torch.equal(lin(x), alone)
+    assert not torch.equal(drifting(lin, x), alone)  # uncut, the block would differ

@@ -228,19 +228,47 @@ class _Linear:
     """y = x W^T + b.
 
     On CPU in bf16 the weight is pre-packed once into oneDNN's blocked layout: decoding's
-    products of 1-16 rows read it at ~1.7x the bandwidth of F.linear's plain layout, with
-    bitwise the same results (same kernel, and still independent of the number of rows).
+    products of 1-16 rows read it at ~1.7x the bandwidth of F.linear's plain layout.
+
+    Row invariance: a token's output must not depend on how many tokens share the product, or
+    speculative decoding would drift from plain decoding by rounding. The kernels keep each
+    row's arithmetic the same for small row counts, but for some shapes switch algorithms
+    above a size (seen: 8960 -> 1536 at 12 rows). So each shape is checked once at load time
+    (``max_rows``) and blocks of up to ROWWISE_MAX_BLOCK rows are cut into chunks it allows.
     """
+
+    _max_rows_by_shape: dict[tuple, int] = {}
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool):
         self.bias = bias
         self.packed = pack
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if pack else weight
+        key = (tuple(weight.shape), weight.dtype, weight.device.type, pack, bias is not None)
+        if key not in _Linear._max_rows_by_shape:
+            _Linear._max_rows_by_shape[key] = self._invariant_rows(weight.shape[1], weight.dtype, weight.device)
+        self.max_rows = _Linear._max_rows_by_shape[key]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    @torch.inference_mode()
+    def _invariant_rows(self, in_features: int, dtype: torch.dtype, device: torch.device) -> int:
+        """Largest m such that every product of up to m rows equals the rows done one by one."""
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(ROWWISE_MAX_BLOCK, in_features, generator=g).to(device, dtype)
+        alone = torch.cat([self._apply(x[i : i + 1]) for i in range(ROWWISE_MAX_BLOCK)])
+        for m in range(2, ROWWISE_MAX_BLOCK + 1):
+            if not torch.equal(self._apply(x[:m]), alone[:m]):
+                return m - 1
+        return ROWWISE_MAX_BLOCK
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if n <= self.max_rows or n > ROWWISE_MAX_BLOCK:  # long blocks (prefill) need no invariance
+            return self._apply(x)
+        return torch.cat([self._apply(chunk) for chunk in x.split(self.max_rows)])
 
 
 class _Layer:

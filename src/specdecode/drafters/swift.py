@@ -130,10 +130,11 @@ class SwiftDrafter(Drafter):
         self.rng = np.random.default_rng(seed)
         self.state = SwiftState(*self._initial_set())
         self.state.done = not optimize or not self.inner
-        self._bo = None
         self._prompt_len = 0
         self._step = 0
         self._window_scored = False
+        self._opt_seconds_at_begin = 0.0
+        self._opt_steps_at_begin = 0
         self.file = Path(skip_set_file) if skip_set_file else None
         if self.file is not None and self.file.exists():
             self.load(self.file)
