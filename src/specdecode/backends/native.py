@@ -126,6 +126,8 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 # Blocks up to this many tokens (decoding steps, verification of drafts) attend row by row.
 ROWWISE_MAX_BLOCK = 32
+# Below this many rows of invariance a linear's kernel is not cut into chunks (see _Linear).
+MIN_INVARIANT_ROWS = 4
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -245,7 +247,11 @@ class _Linear:
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if pack else weight
         key = (tuple(weight.shape), weight.dtype, weight.device.type, pack, bias is not None)
         if key not in _Linear._max_rows_by_shape:
-            _Linear._max_rows_by_shape[key] = self._invariant_rows(weight.shape[1], weight.dtype, weight.device)
+            rows = self._invariant_rows(weight.shape[1], weight.dtype, weight.device)
+            # A kernel that is not row-invariant even for a few rows (float32 matmuls on CPU)
+            # is left whole: cutting blocks into single rows would cost all of speculation's
+            # gain. There, speculation equals plain decoding up to float32 rounding.
+            _Linear._max_rows_by_shape[key] = rows if rows >= MIN_INVARIANT_ROWS else ROWWISE_MAX_BLOCK
         self.max_rows = _Linear._max_rows_by_shape[key]
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
