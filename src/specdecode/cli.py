@@ -39,12 +39,24 @@ def method_options(options: list[str] | None) -> dict:
     return out
 
 
+# Options shared by the commands that load an engine (generate, serve).
+MODEL_OPTION = typer.Option("smollm2-135m", "--model", "-m", help="Model folder or known name.")
+METHOD_OPTION = typer.Option("vanilla", help="Decoding method: vanilla, sps, pld, swift, ...")
+DRAFT_MODEL_OPTION = typer.Option(None, help="Draft model for --method sps.")
+DRAFT_LENGTH_OPTION = typer.Option(None, help="Tokens drafted per step (method default if unset).")
+ADAPTIVE_OPTION = typer.Option(None, "--adaptive/--fixed", help="Adapt the draft length to acceptance.")
+METHOD_OPTIONS_OPTION = typer.Option(None, "--option", "-o", help="Method option key=value (repeatable).")
+DTYPE_OPTION = typer.Option("auto", help="auto, float32, bfloat16 or float16.")
+BACKEND_OPTION = typer.Option("auto", help="auto (native when supported), native or hf.")
+DEVICE_OPTION = typer.Option("cpu", help="cpu, cuda, cuda:1, ...")
+
+
 @app.command()
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text (a user message with --chat)."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model folder or known name."),
-    method: str = typer.Option("vanilla", help="Decoding method: vanilla, sps, pld, ..."),
-    draft_model: Optional[str] = typer.Option(None, help="Draft model for --method sps."),
+    model: str = MODEL_OPTION,
+    method: str = METHOD_OPTION,
+    draft_model: Optional[str] = DRAFT_MODEL_OPTION,
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as a user message in the chat template."),
     max_new_tokens: int = typer.Option(128, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples (lossless speculative sampling)."),
@@ -52,12 +64,12 @@ def generate(
     top_k: int = typer.Option(0, help="Sample among the k most likely tokens (0 = off)."),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
     stop: Optional[list[str]] = typer.Option(None, help="Stop string (repeatable)."),
-    draft_length: Optional[int] = typer.Option(None, help="Tokens drafted per step (method default if unset)."),
-    adaptive: Optional[bool] = typer.Option(None, "--adaptive/--fixed", help="Adapt the draft length to acceptance."),
-    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="Method option key=value (repeatable)."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
-    backend: str = typer.Option("auto", help="auto (native when supported), native or hf."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    draft_length: Optional[int] = DRAFT_LENGTH_OPTION,
+    adaptive: Optional[bool] = ADAPTIVE_OPTION,
+    option: Optional[list[str]] = METHOD_OPTIONS_OPTION,
+    dtype: str = DTYPE_OPTION,
+    backend: str = BACKEND_OPTION,
+    device: str = DEVICE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token ids, statistics)."),
 ):
     """Generate text and print it with a one-line summary."""

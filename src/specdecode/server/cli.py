@@ -7,17 +7,22 @@ from typing import Optional
 
 import typer
 
+from ..cli import (  # the options shared with `generate`
+    ADAPTIVE_OPTION, BACKEND_OPTION, DEVICE_OPTION, DRAFT_LENGTH_OPTION, DRAFT_MODEL_OPTION, DTYPE_OPTION,
+    METHOD_OPTION, METHOD_OPTIONS_OPTION, MODEL_OPTION,
+)  # fmt: skip
+
 
 def serve(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model folder or known name."),
-    method: str = typer.Option("vanilla", help="Decoding method: vanilla, sps, pld, ..."),
-    draft_model: Optional[str] = typer.Option(None, help="Draft model for --method sps."),
-    draft_length: Optional[int] = typer.Option(None, help="Tokens drafted per step (method default if unset)."),
-    adaptive: Optional[bool] = typer.Option(None, "--adaptive/--fixed", help="Adapt the draft length to acceptance."),
-    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="Method option key=value (repeatable)."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
-    backend: str = typer.Option("auto", help="auto (native when supported), native or hf."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    model: str = MODEL_OPTION,
+    method: str = METHOD_OPTION,
+    draft_model: Optional[str] = DRAFT_MODEL_OPTION,
+    draft_length: Optional[int] = DRAFT_LENGTH_OPTION,
+    adaptive: Optional[bool] = ADAPTIVE_OPTION,
+    option: Optional[list[str]] = METHOD_OPTIONS_OPTION,
+    dtype: str = DTYPE_OPTION,
+    backend: str = BACKEND_OPTION,
+    device: str = DEVICE_OPTION,
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 exposes the server to the network)."),
     port: int = typer.Option(8000, help="Port to listen on."),
     api_key: Optional[str] = typer.Option(
