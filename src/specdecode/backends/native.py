@@ -398,10 +398,9 @@ class NativeBackend(Backend):
         tree_mask: torch.Tensor | None,
         window: int | None,
         context: int,
-    ) -> torch.Tensor | None:
-        """Bool mask [n, start + n]: True where a block token may attend."""
-        if n == 1 and tree_mask is None and context == start and (window is None or start < window):
-            return None  # one new token sees the whole cache: no mask needed
+    ) -> torch.Tensor:
+        """Bool mask [n, start + n]: True where a block token may attend (the batched path:
+        single tokens and verification blocks attend row by row, without a mask)."""
         block = tree_mask if tree_mask is not None else torch.ones(n, n, dtype=torch.bool).tril_()
         seen = torch.arange(start) < context
         mask = torch.cat([seen.expand(n, start), block.to("cpu", torch.bool)], dim=1)
@@ -441,7 +440,7 @@ class NativeBackend(Backend):
         sin = self._sin[positions].unsqueeze(0)
         rowwise = n <= ROWWISE_MAX_BLOCK and context == start
         plans: dict[int | None, list[tuple]] = {}
-        masks: dict[int | None, torch.Tensor | None] = {}
+        masks: dict[int | None, torch.Tensor] = {}
         skip_attn = skip.attention if skip else frozenset()
         skip_mlp = skip.mlp if skip else frozenset()
 
