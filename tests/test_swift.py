@@ -22,7 +22,9 @@ WIDE = (2, 3, 4, 5)
 @pytest.mark.parametrize("branches", [CHAIN, WIDE], ids=["chain", "tree"])
 @pytest.mark.parametrize("optimize", [False, True], ids=["fixed-set", "optimizing"])
 def test_stories_greedy_is_lossless(stories_path, branches, optimize):
-    engine = Engine.from_pretrained(stories_path, "swift", branches=branches, optimize=optimize, context_window=16, progress=False)
+    engine = Engine.from_pretrained(
+        stories_path, "swift", branches=branches, optimize=optimize, context_window=16, fallback=False, progress=False
+    )
     trees = 0
     for prompt in STORY_PROMPTS:
         ref = hf_greedy(str(stories_path), encode(stories_path, prompt), 120)
@@ -38,7 +40,7 @@ def test_stories_greedy_is_lossless(stories_path, branches, optimize):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_architecture_is_lossless(tiny_models, arch):
-    engine = Engine.from_pretrained(tiny_models[arch], "swift", branches=WIDE, context_window=8, progress=False)
+    engine = Engine.from_pretrained(tiny_models[arch], "swift", branches=WIDE, context_window=8, fallback=False, progress=False)
     gen = torch.Generator().manual_seed(3)
     for n in range(3):
         ids = tuple(torch.randint(3, 512, (6 + 9 * n,), generator=gen).tolist())
@@ -48,7 +50,7 @@ def test_every_architecture_is_lossless(tiny_models, arch):
 
 def test_bf16_swift_equals_bf16_plain(stories_path):
     base = Engine.from_pretrained(stories_path, dtype="bfloat16", progress=False)
-    swift = base.with_method("swift", branches=WIDE, context_window=16)
+    swift = base.with_method("swift", branches=WIDE, context_window=16, fallback=False)
     for prompt in STORY_PROMPTS:
         assert swift.generate(prompt, max_new_tokens=100).token_ids == base.generate(prompt, max_new_tokens=100).token_ids
 
@@ -73,16 +75,20 @@ def test_drafting_leaves_the_cache_and_skips_sublayers(stories_path):
     assert draft.tokens[0] == int(logits[0].argmax())
 
 
-def test_sampling_with_tree_drafts_preserves_the_distribution(tmp_path_factory, stories_path):
+@pytest.mark.parametrize("fallback", [False, True], ids=["always-draft", "fallback"])
+def test_sampling_with_tree_drafts_preserves_the_distribution(tmp_path_factory, stories_path, fallback):
+    """With the fallback on, steps mix drafting and plain decoding (chosen from the past only)."""
     root = tmp_path_factory.mktemp("swift_small_vocab")
     kw = dict(vocab_size=8, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1)
     target = make_tiny_model(root / "t", "llama", seed=11, **kw)
     params = SamplingParams(temperature=0.9, top_p=0.95)
     engine = Engine.from_pretrained(target, "swift", branches=(2, 3, 3, 3), confidence_threshold=0.0, max_depth=3,
-                                    optimize=False, progress=False)  # fmt: skip
+                                    optimize=False, fallback=fallback, progress=False)  # fmt: skip
     counts = joint_counts(engine, params)
     p = chi_square_p(counts, exact_joint(target, params))
     assert p > 1e-3, f"chi-square p-value {p:.2e}"
+    if fallback:
+        return
     s = engine.generate([3, 4, 5, 6, 3, 4, 5, 6, 3, 4], max_new_tokens=3, temperature=0.9, top_p=0.95, seed=0).stats
     assert s.drafted_tokens > 2  # a real tree (siblings) was verified
 
@@ -106,12 +112,14 @@ def test_optimizer_beats_the_initial_set(stories_path):
 
 def test_saved_set_loads_and_reproduces_drafts(stories_path, tmp_path):
     path = tmp_path / "swift.json"
-    tuned = Engine.from_pretrained(stories_path, "swift", skip_set_file=path, max_opt_steps=30, context_window=16, seed=5, progress=False)
+    tuned = Engine.from_pretrained(
+        stories_path, "swift", skip_set_file=path, max_opt_steps=30, context_window=16, seed=5, fallback=False, progress=False
+    )
     tuned.generate(STORY_PROMPTS[0], max_new_tokens=150)
     assert tuned.drafter.state.done and path.exists()  # the cap ends the search, then it is saved
     saved = json.loads(path.read_text())
     assert saved["model"]["num_layers"] == 5
-    loaded = Engine.from_pretrained(stories_path, "swift", skip_set_file=path, progress=False)
+    loaded = Engine.from_pretrained(stories_path, "swift", skip_set_file=path, fallback=False, progress=False)
     assert loaded.drafter.state.skip == tuned.drafter.state.skip
     assert loaded.drafter.state.done  # a finished search is not restarted
     a = tuned.generate(STORY_PROMPTS[2], max_new_tokens=60)
@@ -132,6 +140,8 @@ def test_saved_set_loads_and_reproduces_drafts(stories_path, tmp_path):
         ({"max_depth": 0}, "max_depth"),
         ({"branches": (1, 2)}, "branches"),
         ({"context_window": -3}, "context_window"),
+        ({"fallback": "yes"}, "fallback"),
+        ({"optimize": 1}, "optimize"),
     ],
 )
 def test_bad_options(stories_path, options, argument):
@@ -176,3 +186,27 @@ def test_tune_command_writes_a_reusable_file(stories_path, tmp_path):
     assert sorted(engine.drafter.state.attention) == sorted(data["attention"])
     with pytest.raises(InvalidArgument, match="tuned for task 'qa'"):
         Engine.from_pretrained(stories_path, "swift", skip_set_file=out, task="rag", progress=False)
+
+
+def test_fallback_decodes_plainly_while_drafting_does_not_pay(stories_path):
+    """Drafting measured as slow (10 s per token, injected) loses to plain steps: the drafter
+    proposes nothing except on probes, and the output is still plain greedy decoding."""
+    engine = Engine.from_pretrained(stories_path, "swift", optimize=False, progress=False)
+    payoff = engine.drafter.payoff
+    for _ in range(payoff.min_samples):
+        payoff.record(True, 1, 10.0)
+    ref = hf_greedy(str(stories_path), encode(stories_path, STORY_PROMPTS[1]), 100)
+    got = engine.generate(STORY_PROMPTS[1], max_new_tokens=100)
+    assert got.token_ids == ref
+    steps, plain = got.stats.target_forwards, got.stats.method["plain_steps"]
+    assert plain >= steps - steps // payoff.probe_interval - 1 and plain < steps  # probes still draft
+    assert got.stats.drafted_tokens > 0
+
+
+def test_fallback_keeps_drafting_when_it_pays(stories_path):
+    engine = Engine.from_pretrained(stories_path, "swift", optimize=False, progress=False)
+    payoff = engine.drafter.payoff
+    for _ in range(payoff.min_samples):
+        payoff.record(False, 1, 10.0)  # plain steps measured as very slow
+    got = engine.generate(STORY_PROMPTS[1], max_new_tokens=100)
+    assert 0 < got.stats.method["plain_steps"] <= got.stats.target_forwards // payoff.probe_interval + 1

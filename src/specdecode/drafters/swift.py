@@ -18,6 +18,10 @@ ICLR 2025.) No second model and no training:
   The search stops at a target score, after a patience without improvement, or at a cap; then
   the acceleration phase runs with the best set. The state lives as long as the engine and can
   be saved to / loaded from a JSON file (per model, optionally per task).
+* Fallback (ours, not the paper's): drafting steps and plain steps are timed, and while drafting
+  measures slower than plain decoding the drafter proposes nothing (see ``payoff.py``). A small
+  model on a memory-bound CPU can have no skip set that pays; SWIFT then costs little more than
+  plain decoding instead of slowing it down.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from ..backends import Backend, SkipSet
 from ..draft import Draft
 from ..errors import InvalidArgument
 from .base import Drafter
+from .payoff import DraftingPayoff
 
 
 def _fraction(name: str, value, *, open_interval: bool) -> float:
@@ -49,6 +54,12 @@ def _fraction(name: str, value, *, open_interval: bool) -> float:
 def _positive(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidArgument(name, f"expected a positive integer, got {value!r}")
+    return value
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument(name, f"expected true or false, got {value!r}")
     return value
 
 
@@ -103,6 +114,7 @@ class SwiftDrafter(Drafter):
         skip_set_file: str | Path | None = None,
         task: str | None = None,
         seed: int = 0,
+        fallback: bool = True,
     ):
         if not target.supports_skip:
             raise InvalidArgument("method", f"swift skips sub-layers, which the {target.name!r} backend cannot; use backend='native'")
@@ -129,15 +141,20 @@ class SwiftDrafter(Drafter):
         self.num_skip = max(1, int(round(2 * len(self.inner) * self.skip_ratio))) if self.inner else 0
         self.rng = np.random.default_rng(seed)
         self.state = SwiftState(*self._initial_set())
-        self.state.done = not optimize or not self.inner
         self._prompt_len = 0
         self._step = 0
         self._window_scored = False
         self._opt_seconds_at_begin = 0.0
         self._opt_steps_at_begin = 0
+        self.payoff = DraftingPayoff() if _flag("fallback", fallback) else None
+        self._plain_steps_at_begin = 0
+        self._proposed_at: float | None = None  # when propose returned (verification starts)
+        self._propose_seconds = 0.0
         self.file = Path(skip_set_file) if skip_set_file else None
         if self.file is not None and self.file.exists():
             self.load(self.file)
+        # optimize=False means the acceleration phase only, whatever a loaded file says.
+        self.state.done = self.state.done or not _flag("optimize", optimize) or not self.inner
 
     @classmethod
     def create(cls, target, **options) -> "SwiftDrafter":
@@ -206,9 +223,21 @@ class SwiftDrafter(Drafter):
         self._step = 0
         self._opt_seconds_at_begin = self.state.seconds
         self._opt_steps_at_begin = self.state.steps
+        self._plain_steps_at_begin = self.payoff.plain_steps if self.payoff else 0
+        self._proposed_at = None
+
+    def propose(self, tokens, max_tokens, params, generator) -> Draft:
+        t0 = time.perf_counter()
+        if self.payoff is not None and not self.payoff.should_draft():
+            draft = Draft()  # a plain step: the target alone, one token
+        else:
+            draft = self._draft(tokens, max_tokens)
+        self._proposed_at = time.perf_counter()
+        self._propose_seconds = self._proposed_at - t0
+        return draft
 
     @torch.inference_mode()
-    def propose(self, tokens, max_tokens, params, generator) -> Draft:
+    def _draft(self, tokens, max_tokens) -> Draft:
         target, skip = self.target, self.state.skip
         start = target.length
         draft = Draft()
@@ -233,6 +262,10 @@ class SwiftDrafter(Drafter):
 
     # ---- learning from the verdict: the optimisation phase ------------------------------------
     def update(self, tokens, num_accepted, draft) -> None:
+        if self.payoff is not None and self._proposed_at is not None:
+            seconds = self._propose_seconds + (time.perf_counter() - self._proposed_at)
+            self.payoff.record(len(draft) > 0, num_accepted + 1, seconds)
+            self._proposed_at = None
         self._step += 1
         state = self.state
         window = self.context_window + 1
@@ -255,6 +288,8 @@ class SwiftDrafter(Drafter):
         if state.score is None or score > state.score:
             state.attention, state.mlp, state.score = attention, mlp, score
             state.since_improvement = 0
+            if self.payoff is not None:
+                self.payoff.forget_drafting()
         else:
             state.since_improvement += 1
         if state.score >= self.target_score or state.since_improvement >= self.patience or state.steps >= self.max_opt_steps:
@@ -322,4 +357,5 @@ class SwiftDrafter(Drafter):
             "optimization_steps": s.steps - self._opt_steps_at_begin,
             "optimization_time": s.seconds - self._opt_seconds_at_begin,
             "optimization_steps_total": s.steps,
+            "plain_steps": (self.payoff.plain_steps - self._plain_steps_at_begin) if self.payoff else 0,
         }
