@@ -161,6 +161,7 @@ class Engine:
         adaptive: bool | None = None,
         max_draft_length: int = 16,
         model_name: str = "model",
+        eos_ids: set[int] | None = None,
     ):
         self.target = target
         self.tokenizer = tokenizer
@@ -173,7 +174,7 @@ class Engine:
         self.draft_length = DraftLength(
             k, drafter.default_adaptive if adaptive is None else adaptive, max_draft_length
         )
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = self._eos_ids() if eos_ids is None else set(eos_ids)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -241,7 +242,7 @@ class Engine:
             raise InvalidArgument("method_options", f"method {method!r}: {e}") from None
         engine = Engine(
             self.target, self.tokenizer, drafter, draft_length=draft_length, adaptive=adaptive,
-            model_name=self.model_name,
+            model_name=self.model_name, eos_ids=self.eos_ids,
         )  # fmt: skip
         engine.model_path, engine.backend_name = self.model_path, self.backend_name
         return engine

@@ -61,6 +61,12 @@ class Backend:
 
     def truncate(self, length: int) -> None:
         """Forget everything after the first ``length`` cached tokens."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self._truncate(length)
+
+    def _truncate(self, length: int) -> None:
+        """``truncate`` after its bounds check."""
         raise NotImplementedError
 
     def keep(self, start: int, rows: list[int]) -> None:

@@ -43,9 +43,7 @@ class HFBackend(Backend):
         self.cache = DynamicCache(config=cfg)
         self.length = 0
 
-    def truncate(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+    def _truncate(self, length: int) -> None:
         if length == 0:
             self.cache = self._cache_cls(config=self.model.config)
         elif length < self.length:

@@ -376,9 +376,7 @@ class NativeBackend(Backend):
         return get
 
     # ---- cache management -------------------------------------------------------------------
-    def truncate(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+    def _truncate(self, length: int) -> None:
         self.length = length  # entries past the pointer are simply overwritten later
 
     def keep(self, start: int, rows: list[int]) -> None:
