@@ -148,8 +148,7 @@ class SwiftDrafter(Drafter):
         self._opt_steps_at_begin = 0
         self.payoff = DraftingPayoff() if _flag("fallback", fallback) else None
         self._plain_steps_at_begin = 0
-        self._proposed_at: float | None = None  # when propose returned (verification starts)
-        self._propose_seconds = 0.0
+        self._step_started: float | None = None  # when propose was called (drafting, then verification)
         self.file = Path(skip_set_file) if skip_set_file else None
         if self.file is not None and self.file.exists():
             self.load(self.file)
@@ -224,17 +223,13 @@ class SwiftDrafter(Drafter):
         self._opt_seconds_at_begin = self.state.seconds
         self._opt_steps_at_begin = self.state.steps
         self._plain_steps_at_begin = self.payoff.plain_steps if self.payoff else 0
-        self._proposed_at = None
+        self._step_started = None
 
     def propose(self, tokens, max_tokens, params, generator) -> Draft:
-        t0 = time.perf_counter()
+        self._step_started = time.perf_counter()
         if self.payoff is not None and not self.payoff.should_draft():
-            draft = Draft()  # a plain step: the target alone, one token
-        else:
-            draft = self._draft(tokens, max_tokens)
-        self._proposed_at = time.perf_counter()
-        self._propose_seconds = self._proposed_at - t0
-        return draft
+            return Draft()  # a plain step: the target alone, one token
+        return self._draft(tokens, max_tokens)
 
     @torch.inference_mode()
     def _draft(self, tokens, max_tokens) -> Draft:
@@ -262,10 +257,9 @@ class SwiftDrafter(Drafter):
 
     # ---- learning from the verdict: the optimisation phase ------------------------------------
     def update(self, tokens, num_accepted, draft) -> None:
-        if self.payoff is not None and self._proposed_at is not None:
-            seconds = self._propose_seconds + (time.perf_counter() - self._proposed_at)
-            self.payoff.record(len(draft) > 0, num_accepted + 1, seconds)
-            self._proposed_at = None
+        if self.payoff is not None and self._step_started is not None:
+            self.payoff.record(len(draft) > 0, num_accepted + 1, time.perf_counter() - self._step_started)
+            self._step_started = None
         self._step += 1
         state = self.state
         window = self.context_window + 1
