@@ -23,13 +23,32 @@ class Draft:
     # Per node, the distribution its token was drawn from (given its earlier siblings were
     # drawn and removed), or None for a deterministic proposal (treated as one-hot).
     probs: list[torch.Tensor | None] | None = None
+    # Per node, the drafter's estimate of the probability that the node is accepted given that
+    # its parent was (a model drafter's own probability of the token; a lookup drafter's match
+    # statistics), or None where the drafter has no such estimate. The engine uses it to choose
+    # how much of a draft is worth verifying; it never affects which tokens are accepted.
+    confidence: list[float] | None = None
 
     @classmethod
-    def chain(cls, tokens: list[int], probs: list[torch.Tensor | None] | None = None) -> "Draft":
-        return cls(list(tokens), list(range(-1, len(tokens) - 1)), probs)
+    def chain(
+        cls,
+        tokens: list[int],
+        probs: list[torch.Tensor | None] | None = None,
+        confidence: list[float] | None = None,
+    ) -> "Draft":
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)), probs, confidence)
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def head(self, k: int) -> "Draft":
+        """The first ``k`` nodes (a valid tree: parents come before their children)."""
+        if k >= len(self.tokens):
+            return self
+        return Draft(
+            self.tokens[:k], self.parents[:k], self.probs and self.probs[:k],
+            self.confidence and self.confidence[:k],
+        )  # fmt: skip
 
     @property
     def is_chain(self) -> bool:

@@ -330,8 +330,7 @@ class Engine:
             budget = min(self.draft_length.current, max_new_tokens - generated - 1, target.max_length - start - 1)
             t1 = time.perf_counter()
             draft = drafter.propose(tokens, budget, params, generator) if budget > 0 else Draft()
-            if len(draft) > budget:
-                draft = Draft(draft.tokens[:budget], draft.parents[:budget], draft.probs and draft.probs[:budget])
+            draft = draft.head(budget)
             t2 = time.perf_counter()
             block = torch.tensor([tokens[-1]] + draft.tokens)
             if draft.is_chain:
