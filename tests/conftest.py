@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Measurements cached on disk (row invariance, cost curves) go to a fresh folder per test run:
+# tests must neither read a developer's cache nor fill it with tiny random models.
+os.environ["SPECDECODE_CACHE"] = tempfile.mkdtemp(prefix="specdecode-test-cache-")
 STORIES = Path(os.environ.get("SPECDECODE_STORIES", REPO.parent / "shared" / "models" / "stories260k"))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 

@@ -177,10 +177,10 @@ def test_linear_cuts_blocks_where_the_kernel_changes(monkeypatch):
         return torch.nn.functional.linear(x, self.weight, self.bias) + (0.5 if x.shape[0] > 4 else 0.0)
 
     monkeypatch.setattr(native._Linear, "_apply", drifting)
-    monkeypatch.setattr(native._Linear, "_max_rows_by_shape", {})
     w = torch.randn(8, 16).bfloat16()  # bf16 products of a few rows are row-invariant on CPU
     lin = native._Linear(w, None, pack=False)
-    assert lin.max_rows == 4
+    result = lin.check_rows("test.drifting")
+    assert (result.invariant_rows, result.chunk_rows, lin.max_rows, result.exact) == (4, 4, 4, True)
     x = torch.randn(10, 16).bfloat16()
     alone = torch.cat([lin(x[i : i + 1]) for i in range(10)])
     assert torch.equal(lin(x), alone)

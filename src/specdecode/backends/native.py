@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from ..errors import ModelLoadError, UnsupportedModel
+from . import invariance
 from .base import Backend, SkipSet
+from .invariance import ROWWISE_MAX_BLOCK
 
 # model_type -> whether q/k/v projections carry a bias regardless of `attention_bias`
 SUPPORTED_MODEL_TYPES = {"llama": False, "mistral": False, "qwen2": True}
@@ -122,12 +124,6 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
-
-
-# Blocks up to this many tokens (decoding steps, verification of drafts) attend row by row.
-ROWWISE_MAX_BLOCK = 32
-# Below this many rows of invariance a linear's kernel is not cut into chunks (see _Linear).
-MIN_INVARIANT_ROWS = 4
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -233,44 +229,40 @@ class _Linear:
     products of 1-16 rows read it at ~1.7x the bandwidth of F.linear's plain layout.
 
     Row invariance: a token's output must not depend on how many tokens share the product, or
-    speculative decoding would drift from plain decoding by rounding. The kernels keep each
-    row's arithmetic the same for small row counts, but for some shapes switch algorithms
-    above a size (seen: 8960 -> 1536 at 12 rows). So each shape is checked once at load time
-    (``max_rows``) and blocks of up to ROWWISE_MAX_BLOCK rows are cut into chunks it allows.
+    speculative decoding would drift from plain decoding by rounding. Blocks of up to
+    ROWWISE_MAX_BLOCK rows are cut into chunks of ``max_rows``, which the backend sets from a
+    load-time check of the kernel (see ``invariance.py``).
     """
 
-    _max_rows_by_shape: dict[tuple, int] = {}
+    kernel = "torch"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool):
         self.bias = bias
         self.packed = pack
+        self.shape = tuple(weight.shape)
+        self.source = weight  # the plain weight, for the invariance check's fingerprint
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if pack else weight
-        key = (tuple(weight.shape), weight.dtype, weight.device.type, pack, bias is not None)
-        if key not in _Linear._max_rows_by_shape:
-            rows = self._invariant_rows(weight.shape[1], weight.dtype, weight.device)
-            # A kernel that is not row-invariant even for a few rows (float32 matmuls on CPU)
-            # is left whole: cutting blocks into single rows would cost all of speculation's
-            # gain. There, speculation equals plain decoding up to float32 rounding.
-            _Linear._max_rows_by_shape[key] = rows if rows >= MIN_INVARIANT_ROWS else ROWWISE_MAX_BLOCK
-        self.max_rows = _Linear._max_rows_by_shape[key]
+        if pack:
+            self.kernel = "onednn-packed"
+        self.max_rows = ROWWISE_MAX_BLOCK  # until checked
+        self.captured: list[torch.Tensor] | None = None  # inputs seen, while calibrating
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
-    @torch.inference_mode()
-    def _invariant_rows(self, in_features: int, dtype: torch.dtype, device: torch.device) -> int:
-        """Largest m such that every product of up to m rows equals the rows done one by one."""
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(ROWWISE_MAX_BLOCK, in_features, generator=g).to(device, dtype)
-        alone = torch.cat([self._apply(x[i : i + 1]) for i in range(ROWWISE_MAX_BLOCK)])
-        for m in range(2, ROWWISE_MAX_BLOCK + 1):
-            if not torch.equal(self._apply(x[:m]), alone[:m]):
-                return m - 1
-        return ROWWISE_MAX_BLOCK
+    def check_rows(self, name: str, activations: torch.Tensor | None = None) -> invariance.RowCheck:
+        result = invariance.check_linear(
+            self._apply, self.source, name=name, kernel=self.kernel, dtype=self.source.dtype,
+            activations=activations,
+        )  # fmt: skip
+        self.max_rows = result.chunk_rows
+        return result
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.captured is not None:
+            self.captured.append(x.detach())
         n = x.shape[0]
         if n <= self.max_rows or n > ROWWISE_MAX_BLOCK:  # long blocks (prefill) need no invariance
             return self._apply(x)
@@ -366,6 +358,48 @@ class NativeBackend(Backend):
         self._scale = 1.0 / math.sqrt(cfg.head_dim)
         self._q_size = cfg.num_heads * cfg.head_dim
         self._kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.row_checks = self._check_row_invariance()
+
+    def linears(self) -> dict[str, list[_Linear]]:
+        """Every linear by role ("layers.*.qkv", ..., "lm_head"), in layer order."""
+        roles: dict[str, list[_Linear]] = {}
+        for layer in self.layers:
+            for role in ("qkv", "o", "gate_up", "down"):
+                roles.setdefault(f"layers.*.{role}", []).append(getattr(layer, role))
+        roles["lm_head"] = [self.lm_head]
+        return roles
+
+    def _check_row_invariance(self) -> list[invariance.RowCheck]:
+        """Set every linear's chunk size from a check of its kernel on real activations.
+
+        A calibration forward (fixed pseudo-random tokens, long enough to take the batched
+        path) captures each linear's inputs. Per role, the first, middle and last layer's
+        linears are checked with their own weights and inputs (the rounding that reveals a
+        kernel's change depends on both); every linear of the role gets the smallest chunk.
+        """
+        roles = self.linears()
+        picked = {role: sorted({0, len(ls) // 2, len(ls) - 1}) for role, ls in roles.items()}
+        for role, ls in roles.items():
+            for i in picked[role]:
+                ls[i].captured = []
+        n = min(ROWWISE_MAX_BLOCK + 8, self.max_length)
+        ids = torch.randint(0, self.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
+        try:
+            self.forward(ids, logits_rows=slice(None))
+        finally:
+            self.reset()
+        results = []
+        for role, ls in roles.items():
+            chunk = ROWWISE_MAX_BLOCK
+            for i in picked[role]:
+                acts = torch.cat(ls[i].captured) if ls[i].captured else None
+                ls[i].captured = None
+                result = ls[i].check_rows(role, acts)
+                chunk = min(chunk, result.chunk_rows)
+                results.append(result)
+            for lin in ls:
+                lin.max_rows = chunk
+        return results
 
     def _getter(self, raw: dict[str, torch.Tensor], path: Path):
         def get(name: str) -> torch.Tensor:
