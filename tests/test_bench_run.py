@@ -217,11 +217,26 @@ def test_malformed_question_file_error_names_the_line(tmp_path, stories_path):
     assert result.exit_code == 2 and f"{q}, line 2: not valid JSON" in result.output
 
 
-def test_a_prompt_longer_than_the_context_names_the_question(tmp_path, stories_path):
+def test_a_prompt_longer_than_the_context_is_skipped_and_reported(tmp_path, stories_path):
+    """Spec-Bench's long summarization/rag prompts exceed a small model's context: the run goes
+    on without them, says so, and every method answers the same questions."""
     q = tmp_path / "q.jsonl"
-    q.write_text(json.dumps({"question_id": 7, "category": "qa", "turns": ["Once upon a time " * 200]}) + "\n")
-    result = _cli("--model", str(stories_path), "--questions", str(q), "--out", str(tmp_path / "o"))
-    assert result.exit_code == 2 and "question 7 (qa), turn 1: prompt: it has" in result.output
+    q.write_text(
+        json.dumps({"question_id": 7, "category": "qa", "turns": ["Once upon a time " * 200]}) + "\n"
+        + json.dumps({"question_id": 8, "category": "qa", "turns": ["Once upon a time"]}) + "\n"
+    )  # fmt: skip
+    out = tmp_path / "o"
+    result = _cli("--model", str(stories_path), "--questions", str(q), "--out", str(out), "--max-new-tokens", "4",
+                  "--methods", "vanilla,pld", "--per-subtask", "0")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "skipping question 7 (qa): turn 1: it has" in result.output
+    assert "1 question(s) skipped, longer than the model's context: 7 (qa)" in result.output
+    assert "1 question(s) skipped" in (out / "report.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["question_id"] for r in summary["skipped"]] == [7]
+    for method in ("vanilla", "pld"):
+        lines = (out / "answers" / "run-1" / f"{method}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["question_id"] for line in lines] == [8]
 
 
 def test_workers_without_ray_name_the_extra(tmp_path, stories_path, monkeypatch):

@@ -126,7 +126,7 @@ def verify_sampling(
             q = draft.probs[c] if draft.probs is not None else None
             qx = 1.0 if q is None else float(q[x])
             px = float(p[x])
-            u = float(torch.rand((), generator=generator))
+            u = float(torch.rand((), generator=generator, device=p.device))
             if qx > 0 and u < min(1.0, px / qx):
                 accepted = c
                 break

@@ -24,7 +24,8 @@ from .draft import Draft, verify_greedy, verify_sampling
 from .drafters import METHODS, Drafter, DraftModelDrafter, VanillaDrafter
 from .errors import InvalidArgument, ModelLoadError
 from .hub import resolve_model
-from .sampling import SamplingParams
+from .sampling import SamplingParams, make_generator
+from .text import IncrementalDetokenizer, find_stop, safe_end, trim_to_stop
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -310,10 +311,7 @@ class Engine:
     ) -> Iterator[list[int]]:
         """Yield the tokens each decoding step emits (EOS included, nothing after it)."""
         target, drafter = self.target, self.drafter
-        generator = None
-        if not params.greedy:
-            generator = torch.Generator(device="cpu")
-            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        generator = None if params.greedy else make_generator(target.device, params.seed)
         target.reset()
         drafter.begin(prompt_ids)
         self.draft_length.reset()
@@ -375,42 +373,39 @@ class Engine:
     ) -> Iterator[str]:
         """Decode steps into text pieces; apply stop strings; build the result at the end."""
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        out: list[int] = []
+        detok = IncrementalDetokenizer(self.tokenizer)
         emitted = 0  # characters of the text already yielded
         finish = "length"
-        text = ""
+        hit = None
         t0 = time.perf_counter()
         for new in self._steps(prompt_ids, max_new_tokens, params, stats):
-            out.extend(new)
-            text = self.tokenizer.decode(out, skip_special_tokens=True)
-            if out[-1] in self.eos_ids:
+            before = len(detok.ids)
+            detok.add(new)
+            if detok.ids[-1] in self.eos_ids:
                 finish = "stop"
-            hit = _find_stop(text, stop, emitted)
+            hit = find_stop(detok.text, stop, emitted) if stop else None
             if hit is not None:
-                text = text[:hit]
-                out = self._trim_to_stop(out, stop)
+                detok.ids = trim_to_stop(self.tokenizer, detok.ids, stop, keep=before + 1)
+                detok.text = detok.text[:hit]
+                # The step's tokens after the stop string were never output.
+                stats.accept_lengths[-1] -= before + len(new) - len(detok.ids)
                 finish = "stop"
-            # Hold back an incomplete character and anything that may yet become a stop string.
-            safe = len(text) if finish == "stop" and hit is not None else _safe_end(text, stop)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-            if hit is not None:
                 break
-        if emitted < len(text):
-            yield text[emitted:]
-        stats.new_tokens = len(out)
+            # Hold back anything that may yet become a stop string.
+            safe = safe_end(detok.text, stop)
+            if safe > emitted:
+                yield detok.text[emitted:safe]
+                emitted = safe
+        if hit is None:
+            detok.flush()
+        if emitted < len(detok.text):
+            yield detok.text[emitted:]
+        stats.new_tokens = len(detok.ids)
         stats.total_time = time.perf_counter() - t0
         stats.method = self.drafter.stats()
-        result = GenerationResult(text, out, list(prompt_ids), finish, stats)
+        result = GenerationResult(detok.text, detok.ids, list(prompt_ids), finish, stats)
         if holder is not None:
             holder.result = result
-
-    def _trim_to_stop(self, ids: list[int], stop: list[str]) -> list[int]:
-        """The shortest prefix of ``ids`` whose text contains a stop string."""
-        while len(ids) > 1 and _find_stop(self.tokenizer.decode(ids[:-1], skip_special_tokens=True), stop, 0) is not None:
-            ids = ids[:-1]
-        return ids
 
     def _prepare(self, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop):
         _check_positive_int("max_new_tokens", max_new_tokens)
@@ -458,31 +453,6 @@ class Engine:
             pass
         assert s.result is not None
         return s.result
-
-
-def _find_stop(text: str, stop: list[str], emitted: int) -> int | None:
-    """Index of the earliest stop string in ``text`` not before what may already be out."""
-    best = None
-    for s in stop:
-        i = text.find(s, max(0, emitted - len(s) + 1))
-        if i >= 0 and (best is None or i < best):
-            best = i
-    return best
-
-
-def _safe_end(text: str, stop: list[str]) -> int:
-    """How much of ``text`` can go out: not a trailing incomplete character (decoded as U+FFFD),
-    nor a tail that a later token could complete into a stop string."""
-    end = len(text)
-    while end > 0 and text[end - 1] == "\ufffd":
-        end -= 1
-    held = end
-    for s in stop:
-        for n in range(min(len(s) - 1, end), 0, -1):
-            if text.endswith(s[:n], 0, end):
-                held = min(held, end - n)
-                break
-    return held
 
 
 def load_tokenizer(path: Path):

@@ -59,5 +59,16 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits.softmax(dim=-1)
 
 
+def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A generator on ``device`` (where the logits are sampled), seeded with ``seed``, or from
+    the OS when it is None: never from torch's global generator, which belongs to the caller."""
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    return generator
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator).item())

@@ -124,6 +124,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         lines.append("- Method options: " + "; ".join(f"`{m}` {o}" for m, o in meta["options"].items() if o) + ".")
     if summary["incomplete_questions"]:
         lines.append(f"- {summary['incomplete_questions']} answer(s) left out: not every method answered them.")
+    if meta.get("skipped"):
+        lines.append(f"- {skipped_line(meta['skipped'])}")
     if meta.get("interrupted"):
         lines.append("- **Interrupted**: these numbers cover the questions answered before the stop.")
     lines += ["", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
@@ -151,6 +153,11 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def skipped_line(skipped: list[dict]) -> str:
+    ids = ", ".join(f"{r['question_id']} ({r['category']})" for r in skipped)
+    return f"{len(skipped)} question(s) skipped, longer than the model's context: {ids}."
 
 
 def _title(summary: dict[str, Any], config: dict[str, Any]) -> str:
@@ -192,6 +199,8 @@ def build_report(
         meta["config"] = {k: v for k, v in first.get("config", {}).items() if k not in ("method", "options")}
     meta.update(baseline=baseline, created=_dt.datetime.now().isoformat(timespec="seconds"))
     print_table(summary, _title(summary, meta["config"]), file)
+    if meta.get("skipped"):
+        print(skipped_line(meta["skipped"]), file=file or sys.stdout)
     (out / SUMMARY_FILE).write_text(json.dumps({**meta, "summary": summary}, indent=2) + "\n")
     (out / REPORT_FILE).write_text(markdown(summary, meta))
     if plots:

@@ -9,6 +9,8 @@ one question to the next.
 from __future__ import annotations
 
 import sys
+
+from tqdm import tqdm
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -19,7 +21,7 @@ from .answers import answer_path, append_answer, check_resumable, merge_shards, 
 from .methods import default_baseline
 from .questions import Question
 from .report import build_report
-from .worker import BenchConfig, BenchWorker
+from .worker import BenchConfig, BenchWorker, QuestionSkipped
 
 Item = tuple[int, Question, list[str]]
 
@@ -136,8 +138,17 @@ def run_bench(
         nonlocal bar
         bar = _progress_bar(total, progress)
 
-    def on_answer(record: dict) -> None:
+    skipped: dict[int, dict] = {}  # question_id -> why it was not asked
+
+    def on_answer(record: dict, methods: int = 1) -> None:
         nonlocal answered
+        if record.get("skipped"):
+            if record["question_id"] not in skipped:
+                skipped[record["question_id"]] = record
+                tqdm.write(f"warning: skipping question {record['question_id']} ({record['category']}): "
+                           f"{record['reason']}", file=sys.stderr)  # fmt: skip
+            bar.update(record.get("methods", methods))
+            return
         answered += 1
         bar.update(1)
 
@@ -147,11 +158,15 @@ def run_bench(
         if items and workers == 1:
             worker = BenchWorker(config, progress=progress)
             info = worker.info()
-            worker.warm_up(items[0][1])
+            worker.warm_up([q for _, q, _ in items[:10]])
             start_bar()
             for k, (run, question, methods) in enumerate(items):
-                for method in _rotate(methods, k):
-                    record = worker.answer(question, method)
+                for i, method in enumerate(_rotate(methods, k)):
+                    try:
+                        record = worker.answer(question, method)
+                    except QuestionSkipped as e:  # every method skips it: they answer the same set
+                        on_answer(e.record(), methods=len(methods) - i)
+                        break
                     append_answer(answer_path(out, run, method), record)
                     on_answer(record)
         elif items:
@@ -159,7 +174,7 @@ def run_bench(
 
             items = [(run, q, _rotate(ms, k)) for k, (run, q, ms) in enumerate(items)]
             info = run_sharded(
-                config, items, out, workers=workers, ray_address=ray_address, warm_up_with=items[0][1],
+                config, items, out, workers=workers, ray_address=ray_address, warm_up_with=[q for _, q, _ in items[:10]],
                 on_ready=start_bar, on_answer=on_answer,
             )  # fmt: skip
     except KeyboardInterrupt:
@@ -183,6 +198,7 @@ def run_bench(
         "draft_model": config.draft_model,
         "interrupted": interrupted,
         "workers": workers,
+        "skipped": sorted(skipped.values(), key=lambda r: r["question_id"]),
         **info,
     }
     asked = {q.question_id for q in questions}

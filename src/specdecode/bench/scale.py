@@ -64,7 +64,7 @@ def run_sharded(
     *,
     workers: int,
     ray_address: str | None = None,
-    warm_up_with: Question,
+    warm_up_with: list[Question],
     on_ready: Callable[[], None] = lambda: None,
     on_answer: Callable[[dict], None] = lambda record: None,
 ) -> dict:
@@ -120,6 +120,9 @@ def run_sharded(
                 [ref], _ = ray.wait(list(in_flight), num_returns=1)
                 worker, run = in_flight.pop(ref)
                 for record in ray.get(ref):
+                    if record.get("skipped"):  # too long for the model: no answer to write
+                        on_answer(record)
+                        continue
                     append_answer(shard_path(out, run, record["method"], worker), record)
                     on_answer(record)
                 give(worker)

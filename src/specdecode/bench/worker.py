@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, SpecDecodeError
 from .answers import make_record, model_id
 from .conversation import Conversation
 from .methods import MethodSpec, OurMethod
@@ -62,29 +62,60 @@ class BenchConfig:
         }
 
 
+class QuestionSkipped(SpecDecodeError):
+    """A question that cannot be asked of this model (a prompt longer than its context)."""
+
+    def __init__(self, question: Question, reason: str):
+        super().__init__(f"question {question.question_id} ({question.category}): {reason}")
+        self.question_id, self.category, self.reason = question.question_id, question.category, reason
+
+    def __reduce__(self):  # picklable, so it crosses Ray's process boundary
+        return (_skipped, (self.question_id, self.category, self.reason))
+
+    def record(self) -> dict[str, Any]:
+        return {"skipped": True, "question_id": self.question_id, "category": self.category, "reason": self.reason}
+
+
+def _skipped(question_id: int, category: str, reason: str) -> QuestionSkipped:
+    return QuestionSkipped(Question(question_id, category, ("?",)), reason)
+
+
 class Memory:
-    """Peak memory of a turn: allocated CUDA memory on a GPU; on CPU the process's resident set
-    size after the turn (psutil; without it the process-wide peak from ``resource``)."""
+    """Peak memory of a turn: allocated CUDA memory's peak on a GPU; on Linux CPUs the process's
+    peak resident set size during the turn (the kernel's high-water mark, reset at the turn's
+    start through /proc/self/clear_refs); elsewhere the process's peak since it started
+    (``resource``), which never goes down."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
-        try:
-            import psutil
+        self.per_turn = self.cuda or self._reset_hwm()
 
-            self._process = psutil.Process()
-        except ImportError:
-            self._process = None
+    @staticmethod
+    def _reset_hwm() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # "5": reset the peak RSS (Linux >= 4.0)
+            return True
+        except OSError:
+            return False
 
     def start(self) -> None:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.per_turn:
+            self._reset_hwm()
 
     def peak(self) -> int:
         if self.cuda:
             return int(torch.cuda.max_memory_allocated(self.device))
-        if self._process is not None:
-            return int(self._process.memory_info().rss)
+        if self.per_turn:
+            try:
+                for line in open("/proc/self/status"):
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024  # kB
+            except OSError:
+                pass
         import resource
 
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
@@ -143,14 +174,24 @@ class BenchWorker:
     def _encode(self, conversation: Conversation, turn: str, question: Question, number: int) -> list[int]:
         try:
             return self.engine.encode(conversation.ask(turn))
-        except InvalidArgument as e:  # e.g. a prompt longer than the model's context
+        except InvalidArgument as e:
+            if e.argument == "prompt" and "context holds" in e.message:  # longer than the model's context
+                raise QuestionSkipped(question, f"turn {number}: {e.message}") from None
             where = f"question {question.question_id} ({question.category}), turn {number}"
             raise InvalidArgument("questions", f"{where}: {e}") from None
 
-    def warm_up(self, question: Question) -> None:
-        """Run each method on the question's first turn, untimed: first calls pay for lazy
-        initialisation (allocators, kernels, caches) that would otherwise land on one method."""
-        ids = self._encode(Conversation(self.engine.tokenizer), question.turns[0], question, 1)
+    def warm_up(self, questions: list[Question]) -> None:
+        """Run each method on a question's first turn, untimed: first calls pay for lazy
+        initialisation (allocators, kernels, caches) that would otherwise land on one method.
+        The first question that fits the model's context is used."""
+        for question in questions:
+            try:
+                ids = self._encode(Conversation(self.engine.tokenizer), question.turns[0], question, 1)
+                break
+            except QuestionSkipped:
+                continue
+        else:
+            return
         for _ in range(self.config.warmup):
             for runner in self.runners.values():
                 runner.run_turn(ids, min(self.config.max_new_tokens, 32), self.config.temperature, self.config.seed)
@@ -183,8 +224,12 @@ class BenchWorker:
         return make_record(question, method, name, cfg.record_config(spec), turns)
 
     def answer_all(self, question: Question, methods: list[str]) -> list[dict[str, Any]]:
-        """Every listed method on one question, in the given order (one Ray call per question)."""
-        return [self.answer(question, m) for m in methods]
+        """Every listed method on one question, in the given order (one Ray call per question);
+        a skipped question gives one record saying why."""
+        try:
+            return [self.answer(question, m) for m in methods]
+        except QuestionSkipped as e:
+            return [{**e.record(), "methods": len(methods)}]
 
     def info(self) -> dict[str, Any]:
         return {"device": str(self.engine.target.device), "dtype": self.dtype_name, "threads": torch.get_num_threads()}

@@ -304,7 +304,7 @@ class SwiftDrafter(Drafter):
             logits = target.forward(torch.tensor(block), positions=positions, skip=skip, context=self._prompt_len)
         finally:
             target.truncate(start)
-        hits = logits[:-1].argmax(-1) == torch.tensor(block[1:])
+        hits = logits[:-1].argmax(-1) == torch.tensor(block[1:], device=logits.device)
         return float(hits.float().mean())
 
     # ---- persistence ------------------------------------------------------------------------

@@ -59,6 +59,7 @@ class Job:
         self.loop = loop
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.stopped_by_server = False  # cancelled by Worker.stop, not by the client leaving
         self.submitted_at = time.perf_counter()
         self.started_at: float | None = None  # the worker took it
         self.first_piece_at: float | None = None
@@ -116,6 +117,7 @@ class Worker:
         self._stopping = True
         current = self.current
         if current is not None:
+            current.stopped_by_server = True
             current.cancel()
         while True:
             try:
@@ -181,8 +183,11 @@ class Worker:
                     job.emit("piece", piece)
         finally:
             stream.close()  # stops the engine's generator if we left early; a no-op otherwise
-        if stream.result is None:  # left early: the client is gone
-            self.cancelled_total += 1
+        if stream.result is None:  # left early
+            if job.stopped_by_server:  # the server is shutting down: tell the client so
+                job.emit("error", WorkerStopped())
+            else:  # the client is gone
+                self.cancelled_total += 1
             return
         job.emit("done", stream.result)
 
