@@ -180,8 +180,47 @@ def test_linear_cuts_blocks_where_the_kernel_changes(monkeypatch):
     w = torch.randn(8, 16).bfloat16()  # bf16 products of a few rows are row-invariant on CPU
     lin = native._Linear(w, None, pack=False)
     result = lin.check_rows("test.drifting")
-    assert (result.invariant_rows, result.chunk_rows, lin.max_rows, result.exact) == (4, 4, 4, True)
+    assert (result.invariant_rows, result.pad_rows, result.chunk_rows, lin.max_rows, result.exact) == (4, 1, 4, 4, True)
     x = torch.randn(10, 16).bfloat16()
     alone = torch.cat([lin(x[i : i + 1]) for i in range(10)])
     assert torch.equal(lin(x), alone)
     assert not torch.equal(drifting(lin, x), alone)  # uncut, the block would differ
+
+
+def test_linear_pads_single_rows_where_the_kernel_takes_another_path_for_them(monkeypatch):
+    """A kernel whose single-row path rounds differently from its 2+-row path (a matrix-vector
+    product against a blocked product, as seen on CPUs) is not invariant even for 2 rows: single
+    rows are then computed in products of 2 and blocks stay whole."""
+    from specdecode.backends import native
+
+    def two_paths(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias) + (0.5 if x.shape[0] == 1 else 0.0)
+
+    monkeypatch.setattr(native._Linear, "_apply", two_paths)
+    lin = native._Linear(torch.randn(8, 16).bfloat16(), None, pack=False)
+    result = lin.check_rows("test.two_paths")
+    assert (result.invariant_rows, result.pad_rows, result.chunk_rows, result.exact) == (1, 2, 32, True)
+    x = torch.randn(33, 16).bfloat16()
+    alone = torch.cat([lin(x[i : i + 1]) for i in range(33)])
+    for n in (1, 2, 5, 17, 32):
+        assert torch.equal(lin(x[:n]), alone[:n]), n
+    assert not torch.equal(two_paths(lin, x[:1]), alone[:1])  # unpadded, a single row would differ
+
+
+def test_a_lucky_probe_does_not_pass_a_kernel(monkeypatch):
+    """A kernel whose rounding differs above 4 rows only for some inputs is caught by the
+    several probes (one random probe of the old check could pass it)."""
+    from specdecode.backends import invariance, native
+
+    def sometimes(self, x):
+        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        # rows "near a rounding boundary": only some inputs show the kernel's change
+        return y + ((x[:, :1] > 0.5) * 0.5 if x.shape[0] > 4 else 0.0)
+
+    monkeypatch.setattr(native._Linear, "_apply", sometimes)
+    lin = native._Linear(torch.randn(8, 16).bfloat16(), None, pack=False)
+    probes = invariance.make_probes(16, torch.bfloat16, torch.device("cpu"))
+    lucky = [p for p in probes if not (p[:5, 0] > 0.5).any()]
+    assert invariance.invariant_rows(lin._apply, [torch.zeros(32, 16).bfloat16()]) == 32  # one lucky probe passes
+    assert lin.check_rows("test.sometimes").chunk_rows == 4
+    assert len(lucky) < len(probes)

@@ -174,6 +174,37 @@ def tune(
         fail(str(e))
 
 
+@app.command()
+def doctor(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model folder or known name."),
+    dtype: str = typer.Option("bfloat16", help="The dtype to check (bit-exactness is promised in bfloat16)."),
+    device: str = DEVICE_OPTION,
+    prompts: int = typer.Option(6, help="Prompts decoded with plain decoding and with the method, compared."),
+    max_new_tokens: int = typer.Option(64, help="Tokens generated per prompt."),
+    method: str = typer.Option("pld", help="The speculative method compared with plain decoding."),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Print the machine, each linear's row invariance, and whether greedy speculation is
+    bit-exact here, with the evidence (plain and speculative decoding compared on real prompts)."""
+    from .doctor import format_report, run_doctor
+
+    if prompts < 1 or max_new_tokens < 1:
+        fail("--prompts and --max-new-tokens: expected positive integers")
+    if threads is not None:
+        if threads < 1:
+            fail(f"--threads: expected a positive integer, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        report = run_doctor(model, dtype=dtype, device=device, prompts=prompts, max_new_tokens=max_new_tokens,
+                            method=method, progress=not as_json)  # fmt: skip
+    except SpecDecodeError as e:
+        fail(str(e))
+    print(json.dumps(report, indent=1) if as_json else format_report(report))
+
+
 def _register_optional_commands() -> None:
     """Subcommands of other features register here (bench, serve)."""
     import importlib

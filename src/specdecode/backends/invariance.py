@@ -17,7 +17,7 @@ count a verification block can have (1 .. ROWWISE_MAX_BLOCK), and the real weigh
 is a chunk size per linear: blocks are cut into chunks of at most that many rows, each of which
 the kernel computes exactly as it computes rows alone.
 
-Results are recorded per shape (``checks()``, shown by ``specdecode doctor``) and cached on disk
+Results are kept per linear role (``NativeBackend.row_checks``, shown by ``specdecode doctor``) and cached on disk
 keyed by the CPU model, the torch and oneDNN versions, the kernel and a fingerprint of the
 weights, so a model loads quickly the second time on the same machine.
 """
@@ -29,7 +29,7 @@ import json
 import os
 import platform
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ ROWWISE_MAX_BLOCK = 32
 # Random probes per row count, besides the captured activations.
 RANDOM_PROBES = 3
 # Bump when the check itself changes, so cached results from an older check are not trusted.
-CHECK_VERSION = 2
+CHECK_VERSION = 3
 
 
 @dataclass
@@ -52,6 +52,7 @@ class RowCheck:
     dtype: str
     kernel: str  # "onednn-packed", "torch", or a quantized kernel's name
     invariant_rows: int  # largest m: every probe of 1..m rows equals the rows done alone
+    pad_rows: int  # single rows and short chunks are computed in products of this many rows
     chunk_rows: int  # blocks of up to ROWWISE_MAX_BLOCK rows are cut into chunks of this many
     exact: bool  # whether verification rows are then bit-identical to decoding rows
     probes: int  # products compared per row count
@@ -60,16 +61,13 @@ class RowCheck:
     @property
     def reason(self) -> str:
         if self.exact:
-            return "ok" if self.chunk_rows >= ROWWISE_MAX_BLOCK else f"cut into chunks of {self.chunk_rows}"
+            how = []
+            if self.pad_rows > 1:
+                how.append(f"rows padded to {self.pad_rows}")
+            if self.chunk_rows < ROWWISE_MAX_BLOCK:
+                how.append(f"blocks cut into chunks of {self.chunk_rows}")
+            return ", ".join(how) or "row-invariant as it is"
         return "float32 kernel not row-invariant: left whole, exact up to float32 rounding"
-
-
-_CHECKS: dict[str, RowCheck] = {}
-
-
-def checks() -> list[RowCheck]:
-    """Every check made in this process, one per (name, shape, kernel)."""
-    return list(_CHECKS.values())
 
 
 def cpu_model() -> str:
@@ -82,14 +80,36 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+             "amx_bf16", "amx_int8", "asimd", "sve", "bf16", "i8mm")  # fmt: skip
+
+
+def cpu_flags() -> list[str]:
+    """The instruction-set extensions that decide which kernels run (x86 and Arm)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                present = set(line.split(":", 1)[1].split())
+                return [f for f in ISA_FLAGS if f in present]
+    except OSError:
+        pass
+    return []
+
+
+def onednn_version() -> str:
+    for line in torch.__config__.show().splitlines():
+        if "MKL-DNN" in line or "oneDNN" in line:
+            return line.strip(" -").split(" (")[0]
+    return "none"
+
+
 def machine_key(device: torch.device) -> str:
     """What a kernel's behaviour depends on besides the shape: the chip and the libraries."""
     if device.type == "cuda":
-        chip = torch.cuda.get_device_name(device)
+        chip = f"{torch.cuda.get_device_name(device)}|cuda {torch.version.cuda}"
     else:
-        chip = cpu_model()
-    onednn = getattr(torch.backends.mkldnn, "version", lambda: "")()
-    return f"{chip}|torch {torch.__version__}|onednn {onednn}|threads {torch.get_num_threads()}"
+        chip = f"{cpu_model()}|{' '.join(cpu_flags())}|{torch.backends.cpu.get_cpu_capability()}"
+    return f"{chip}|torch {torch.__version__}|{onednn_version()}|threads {torch.get_num_threads()}"
 
 
 def _cache_file() -> Path:
@@ -125,23 +145,56 @@ def weight_fingerprint(weight: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-@torch.inference_mode()
-def invariant_rows(
-    apply: Callable[[torch.Tensor], torch.Tensor],
-    probes: list[torch.Tensor],
-) -> int:
-    """Largest m such that, for every probe ([ROWWISE_MAX_BLOCK, in] rows), every product of the
-    first 2..m rows equals those rows done one by one (0 if even 1 row fails, which cannot be)."""
+# Row counts a single row (a decoding step) may be padded to, tried in order.
+PAD_CHOICES = (1, 2, 4)
+
+
+def _padded_rows(apply: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Each row of ``x`` computed alone, in a product of ``pad`` rows (copies of itself)."""
+    return torch.cat([apply(x[i : i + 1].expand(pad, -1).contiguous())[:1] for i in range(x.shape[0])])
+
+
+def _consistent_up_to(apply, probes: list[torch.Tensor], pad: int) -> int:
+    """Largest c >= pad such that, for every probe, every product of ``pad``..c rows gives each
+    row exactly as its padded product alone does (pad - 1 if even ``pad`` rows fail)."""
     best = ROWWISE_MAX_BLOCK
     for x in probes:
-        alone = torch.cat([apply(x[i : i + 1]) for i in range(x.shape[0])])
-        for m in range(2, best + 1):
+        alone = _padded_rows(apply, x, pad)
+        for m in range(pad, best + 1):
             if not torch.equal(apply(x[:m]), alone[:m]):
                 best = m - 1
                 break
-        if best == 1:
+        if best < pad:
             break
     return best
+
+
+@torch.inference_mode()
+def row_plan(apply: Callable[[torch.Tensor], torch.Tensor], probes: list[torch.Tensor]) -> tuple[int, int]:
+    """(pad, chunk): products of ``pad``..``chunk`` rows compute every row alike, so a decoding
+    step padded to ``pad`` rows and verification blocks cut into chunks of at most ``chunk``
+    rows (each padded to ``pad``) give each token bit for bit the same output.
+
+    Padding exists because some kernels take one path for a single row (a matrix-vector
+    product) and another, consistent one for 2+ rows (seen: SmolLM2's 1536 -> 576 projection,
+    not invariant even for 2 rows without it, invariant up to 32 with single rows padded to 2).
+    On a memory-bound machine a 2-row product costs about what a 1-row product does. The
+    plan with the largest chunk wins, the smallest padding among equals. (1, 1) if none is
+    consistent beyond single rows."""
+    best = (1, 1)
+    for pad in PAD_CHOICES:
+        chunk = _consistent_up_to(apply, probes, pad)
+        if chunk >= pad and chunk > best[1]:
+            best = (pad, chunk)
+        if best[1] == ROWWISE_MAX_BLOCK:
+            break
+    return best
+
+
+def invariant_rows(apply: Callable[[torch.Tensor], torch.Tensor], probes: list[torch.Tensor]) -> int:
+    """Largest m such that products of 1..m rows give each row as it is alone (no padding)."""
+    with torch.inference_mode():
+        return max(1, _consistent_up_to(apply, probes, 1))
 
 
 def make_probes(
@@ -178,7 +231,7 @@ def check_linear(
     activations: torch.Tensor | None = None,
     use_cache: bool = True,
 ) -> RowCheck:
-    """Check one linear (``apply``: x -> x W^T + b with this weight and kernel) and record it.
+    """Check one linear (``apply``: x -> x W^T + b with this weight and kernel).
 
     Chunking is the price of exactness, paid wherever a kernel needs it: a kernel that is
     invariant for m rows gets chunks of m, down to single rows in bf16/fp16 (verification then
@@ -194,24 +247,21 @@ def check_linear(
     cache = _load_cache() if use_cache else {}
     cached = key in cache
     if cached:
-        rows = int(cache[key])
+        rows, pad, chunk = cache[key]
     else:
-        rows = invariant_rows(apply, make_probes(weight.shape[1], dtype, device, activations))
+        probes = make_probes(weight.shape[1], dtype, device, activations)
+        rows = invariant_rows(apply, probes)
+        pad, chunk = (1, rows) if rows == ROWWISE_MAX_BLOCK else row_plan(apply, probes)
         if use_cache:
             cache = _load_cache()
-            cache[key] = rows
+            cache[key] = [rows, pad, chunk]
             _save_cache(cache)
-    exact = rows >= 2 or dtype != torch.float32
+    exact = chunk >= 2 or dtype != torch.float32
+    if not exact:
+        pad, chunk = 1, ROWWISE_MAX_BLOCK
     result = RowCheck(
         name=name, shape=tuple(weight.shape), dtype=str(dtype).replace("torch.", ""), kernel=kernel,
-        invariant_rows=rows, chunk_rows=rows if exact else ROWWISE_MAX_BLOCK, exact=exact,
+        invariant_rows=rows, pad_rows=pad, chunk_rows=chunk, exact=exact,
         probes=RANDOM_PROBES + (activations is not None), cached=cached,
     )  # fmt: skip
-    record = f"{name}|{result.shape}|{kernel}|{result.dtype}"
-    if record not in _CHECKS or result.invariant_rows < _CHECKS[record].invariant_rows:
-        _CHECKS[record] = result  # linears of one role: the weakest one speaks for all
     return result
-
-
-def as_dicts() -> list[dict]:
-    return [asdict(c) | {"reason": c.reason} for c in checks()]

@@ -11,6 +11,7 @@ Loads a Hugging Face folder directly: config.json + *.safetensors (sharded or no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -230,8 +231,9 @@ class _Linear:
 
     Row invariance: a token's output must not depend on how many tokens share the product, or
     speculative decoding would drift from plain decoding by rounding. Blocks of up to
-    ROWWISE_MAX_BLOCK rows are cut into chunks of ``max_rows``, which the backend sets from a
-    load-time check of the kernel (see ``invariance.py``).
+    ROWWISE_MAX_BLOCK rows are cut into chunks of ``max_rows`` and shorter ones (a decoding
+    step's single row) padded to ``pad_rows``, both set from a load-time check of the kernel
+    (see ``invariance.py``).
     """
 
     kernel = "torch"
@@ -245,6 +247,7 @@ class _Linear:
         if pack:
             self.kernel = "onednn-packed"
         self.max_rows = ROWWISE_MAX_BLOCK  # until checked
+        self.pad_rows = 1
         self.captured: list[torch.Tensor] | None = None  # inputs seen, while calibrating
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,16 +260,22 @@ class _Linear:
             self._apply, self.source, name=name, kernel=self.kernel, dtype=self.source.dtype,
             activations=activations,
         )  # fmt: skip
-        self.max_rows = result.chunk_rows
+        self.pad_rows, self.max_rows = result.pad_rows, result.chunk_rows
         return result
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.captured is not None:
             self.captured.append(x.detach())
         n = x.shape[0]
-        if n <= self.max_rows or n > ROWWISE_MAX_BLOCK:  # long blocks (prefill) need no invariance
+        if n > ROWWISE_MAX_BLOCK or self.pad_rows <= n <= self.max_rows:  # prefill needs no invariance
             return self._apply(x)
-        return torch.cat([self._apply(chunk) for chunk in x.split(self.max_rows)])
+        out = []
+        for chunk in x.split(self.max_rows):
+            k = chunk.shape[0]
+            if k < self.pad_rows:  # copies of its last row: the kernel path the check vouched for
+                chunk = torch.cat([chunk, chunk[-1:].expand(self.pad_rows - k, -1)])
+            out.append(self._apply(chunk)[:k])
+        return torch.cat(out)
 
 
 class _Layer:
@@ -375,7 +384,7 @@ class NativeBackend(Backend):
         A calibration forward (fixed pseudo-random tokens, long enough to take the batched
         path) captures each linear's inputs. Per role, the first, middle and last layer's
         linears are checked with their own weights and inputs (the rounding that reveals a
-        kernel's change depends on both); every linear of the role gets the smallest chunk.
+        kernel's change depends on both); every linear of the role gets a plan all of them allow.
         """
         roles = self.linears()
         picked = {role: sorted({0, len(ls) // 2, len(ls) - 1}) for role, ls in roles.items()}
@@ -390,15 +399,24 @@ class NativeBackend(Backend):
             self.reset()
         results = []
         for role, ls in roles.items():
-            chunk = ROWWISE_MAX_BLOCK
+            checked = []
             for i in picked[role]:
                 acts = torch.cat(ls[i].captured) if ls[i].captured else None
                 ls[i].captured = None
-                result = ls[i].check_rows(role, acts)
-                chunk = min(chunk, result.chunk_rows)
-                results.append(result)
+                checked.append(ls[i].check_rows(role, acts))
+            # One plan for the role. Each layer's is consistent on its range [pad, chunk] of
+            # row counts, so all are on the intersection; rows alone (1, 1) if it is empty.
+            pad, chunk = max(c.pad_rows for c in checked), min(c.chunk_rows for c in checked)
+            if pad > chunk:
+                pad, chunk = 1, 1
+            weakest = min(checked, key=lambda c: c.invariant_rows)
+            exact = all(c.exact for c in checked)
+            if not exact:  # float32: left whole (see invariance.check_linear)
+                pad, chunk = 1, ROWWISE_MAX_BLOCK
             for lin in ls:
-                lin.max_rows = chunk
+                lin.pad_rows, lin.max_rows = pad, chunk
+            results.append(dataclasses.replace(weakest, pad_rows=pad, chunk_rows=chunk, exact=exact,
+                                               probes=sum(c.probes for c in checked)))  # fmt: skip
         return results
 
     def _getter(self, raw: dict[str, torch.Tensor], path: Path):
