@@ -79,8 +79,8 @@ def test_stories_every_method_matches_transformers(stories_path, noisy_stories, 
 def test_speculation_actually_happens(stories_path, noisy_stories):
     """A guard against a vacuous pass: the drafts are used and accepted."""
     prompt = STORY_PROMPTS[1]
-    pld = Engine.from_pretrained(stories_path, "pld", progress=False).generate(prompt, max_new_tokens=80)
-    sps = Engine.from_pretrained(stories_path, "sps", draft_model=noisy_stories, progress=False).generate(
+    pld = Engine.from_pretrained(stories_path, "pld", sizing="adaptive", progress=False).generate(prompt, max_new_tokens=80)
+    sps = Engine.from_pretrained(stories_path, "sps", draft_model=noisy_stories, sizing="adaptive", progress=False).generate(
         prompt, max_new_tokens=80
     )
     for r in (pld, sps):

@@ -16,7 +16,7 @@ from specdecode.text import IncrementalDetokenizer
 
 @pytest.fixture(scope="module")
 def stories_pld(stories_path):
-    return Engine.from_pretrained(stories_path, "pld", progress=False)
+    return Engine.from_pretrained(stories_path, "pld", sizing="fixed", progress=False)  # steps that repeat
 
 
 def test_sampling_generator_lives_on_the_models_device(stories_pld, monkeypatch):

@@ -41,10 +41,15 @@ def method_options(options: list[str] | None) -> dict:
 
 # Options shared by the commands that load an engine (generate, serve).
 MODEL_OPTION = typer.Option("smollm2-135m", "--model", "-m", help="Model folder or known name.")
-METHOD_OPTION = typer.Option("vanilla", help="Decoding method: vanilla, sps, pld, swift, ...")
+METHOD_OPTION = typer.Option("vanilla", help="Decoding method: vanilla, sps, pld, swift, ...; A+B: B where A has no draft (pld+sps).")
 DRAFT_MODEL_OPTION = typer.Option(None, help="Draft model for --method sps.")
 DRAFT_LENGTH_OPTION = typer.Option(None, help="Tokens drafted per step (method default if unset).")
-ADAPTIVE_OPTION = typer.Option(None, "--adaptive/--fixed", help="Adapt the draft length to acceptance.")
+ADAPTIVE_OPTION = typer.Option(
+    None, "--adaptive/--fixed",
+    help="Draft sizing. Default: by expected payoff under the target's measured cost curve (a plain step when "
+    "no draft pays). --adaptive: grow by 2 after a fully accepted draft, shrink by 1 otherwise. --fixed: always "
+    "--draft-length (also the default when --draft-length is given).",
+)  # fmt: skip
 METHOD_OPTIONS_OPTION = typer.Option(None, "--option", "-o", help="Method option key=value (repeatable).")
 DTYPE_OPTION = typer.Option("auto", help="auto, float32, bfloat16 or float16.")
 BACKEND_OPTION = typer.Option("auto", help="auto (native when supported), native or hf.")

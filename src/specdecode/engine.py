@@ -22,9 +22,12 @@ import torch
 from .backends import Backend, load_backend
 from .draft import Draft, verify_greedy, verify_sampling
 from .drafters import METHODS, Drafter, DraftModelDrafter, VanillaDrafter
+from .drafters.hybrid import HybridDrafter
 from .errors import InvalidArgument, ModelLoadError
 from .hub import resolve_model
+from .costmodel import CostModel
 from .sampling import SamplingParams, make_generator
+from .sizing import FixedSizing, StepRecord, make_sizing
 from .text import IncrementalDetokenizer, find_stop, safe_end, trim_to_stop
 
 DTYPES = {
@@ -43,36 +46,16 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-class DraftLength:
-    """How many tokens to draft next: fixed, or adaptive (grow by 2 after a fully accepted draft,
-    shrink by 1 otherwise, within [1, maximum])."""
-
-    def __init__(self, initial: int, adaptive: bool = False, maximum: int = 16):
-        if isinstance(initial, bool) or not isinstance(initial, int) or initial < 0:
-            raise InvalidArgument("draft_length", f"expected an integer >= 0, got {initial!r}")
-        self.initial, self.adaptive, self.maximum = initial, adaptive, max(maximum, initial)
-        self.current = initial
-
-    def reset(self) -> None:
-        self.current = self.initial
-
-    def update(self, accepted: int, proposed: int) -> None:
-        if not self.adaptive or proposed == 0:
-            return
-        if accepted == proposed:
-            self.current = min(self.current + 2, self.maximum)
-        else:
-            self.current = max(self.current - 1, 1)
-
-
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
     new_tokens: int = 0
     target_forwards: int = 0  # verification forwards (decoding steps), prefill excluded
     accept_lengths: list[int] = field(default_factory=list)  # tokens emitted per step
-    drafted_tokens: int = 0
+    drafted_tokens: int = 0  # proposed by the drafter
+    verified_draft_tokens: int = 0  # of those, sent to verification (the sizing's cut)
     accepted_draft_tokens: int = 0
+    plain_steps: int = 0  # steps that verified no draft (one token, as plain decoding)
     prefill_time: float = 0.0
     draft_time: float = 0.0
     verify_time: float = 0.0
@@ -85,7 +68,8 @@ class GenerationStats:
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted_draft_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+        """Accepted / verified draft tokens."""
+        return self.accepted_draft_tokens / self.verified_draft_tokens if self.verified_draft_tokens else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -136,12 +120,26 @@ class GenerationStream:
         self._pieces.close()  # type: ignore[attr-defined]
 
 
+def _components(method: str) -> list[str]:
+    """A method, or a hybrid ``A+B`` of two (see drafters/hybrid.py)."""
+    if not isinstance(method, str):
+        raise InvalidArgument("method", f"expected a method name, got {method!r}")
+    parts = [method] if method in METHODS or "+" not in method else method.split("+")
+    for part in parts:
+        if part not in METHODS:
+            raise InvalidArgument(
+                "method", f"expected one of {', '.join(METHODS)} or two of them joined by '+', got {method!r}"
+            )
+    if len(parts) > 2 or "vanilla" in parts and len(parts) > 1 or len(set(parts)) < len(parts):
+        raise InvalidArgument("method", f"a hybrid joins two different drafting methods (e.g. pld+sps), got {method!r}")
+    return parts
+
+
 def _check_method(method: str, draft_model) -> None:
-    if method not in METHODS:
-        raise InvalidArgument("method", f"expected one of {', '.join(METHODS)}, got {method!r}")
-    if method == "sps" and draft_model is None:
-        raise InvalidArgument("draft_model", "method 'sps' needs a draft model (same tokenizer as the target)")
-    if method != "sps" and draft_model is not None:
+    parts = _components(method)
+    if "sps" in parts and draft_model is None:
+        raise InvalidArgument("draft_model", f"method {method!r} needs a draft model (same tokenizer as the target)")
+    if "sps" not in parts and draft_model is not None:
         raise InvalidArgument("draft_model", f"only method 'sps' uses a draft model, not {method!r}")
 
 
@@ -160,6 +158,7 @@ class Engine:
         *,
         draft_length: int | None = None,
         adaptive: bool | None = None,
+        sizing: str | None = None,
         max_draft_length: int = 16,
         model_name: str = "model",
         eos_ids: set[int] | None = None,
@@ -172,9 +171,16 @@ class Engine:
         self.model_path: Path | None = getattr(tokenizer, "name_or_path", None) and Path(tokenizer.name_or_path)
         self.backend_name = target.name
         k = drafter.default_draft_length if draft_length is None else draft_length
-        self.draft_length = DraftLength(
-            k, drafter.default_adaptive if adaptive is None else adaptive, max_draft_length
-        )
+        if sizing is None and adaptive is not None:  # --adaptive / --fixed
+            sizing = "adaptive" if adaptive else "fixed"
+        if sizing is None and draft_length is not None:  # a length asked for is a length kept
+            sizing = "fixed"
+        if isinstance(drafter, VanillaDrafter):
+            sizing = "fixed"  # nothing to size
+        self.sizing = make_sizing(sizing, k, max(max_draft_length, k), lambda: CostModel.for_target(target))
+        # Seeded sampling must repeat itself, so its drafts cannot depend on timings: such a
+        # request sizes its drafts by the (deterministic) grow/shrink rule instead.
+        self.seeded_sizing = self.sizing if isinstance(self.sizing, FixedSizing) else FixedSizing(k, adaptive=True)
         self.eos_ids = self._eos_ids() if eos_ids is None else set(eos_ids)
 
     # ---- construction -------------------------------------------------------------------------
@@ -190,6 +196,7 @@ class Engine:
         device: str = "cpu",
         draft_length: int | None = None,
         adaptive: bool | None = None,
+        sizing: str | None = None,
         max_length: int | None = None,
         progress: bool = True,
         **method_options: Any,
@@ -210,7 +217,7 @@ class Engine:
         engine = cls(target, tokenizer, VanillaDrafter(), model_name=Path(str(model)).name)
         engine.model_path, engine.backend_name = path, backend
         return engine.with_method(
-            method, draft_model=draft_model, draft_length=draft_length, adaptive=adaptive,
+            method, draft_model=draft_model, draft_length=draft_length, adaptive=adaptive, sizing=sizing,
             progress=progress, **method_options,
         )  # fmt: skip
 
@@ -221,28 +228,36 @@ class Engine:
         draft_model: str | Path | None = None,
         draft_length: int | None = None,
         adaptive: bool | None = None,
+        sizing: str | None = None,
         progress: bool = True,
         **method_options: Any,
     ) -> "Engine":
         """A new engine for ``method`` that shares this one's target model (no second copy of
         the weights). Engines sharing a target must not generate at the same time."""
         _check_method(method, draft_model)
-        if method == "sps":
-            draft_path = resolve_model(str(draft_model), progress=progress)
-            check_same_tokenizer(self.tokenizer, load_tokenizer(draft_path), self.model_path, draft_path)
-            draft = load_backend(
-                draft_path, self.backend_name, dtype=self.target.dtype, device=self.target.device,
-                max_length=self.target.max_length,
-            )  # fmt: skip
-            build = lambda: DraftModelDrafter(draft, **method_options)  # noqa: E731
-        else:
-            build = lambda: METHODS[method].create(self.target, **method_options)  # noqa: E731
+        parts = _components(method)
+        if len(parts) > 1 and method_options:
+            raise InvalidArgument("method_options", f"hybrid {method!r}: options go to its methods one at a time; "
+                                  "none are taken here")  # fmt: skip
+
+        def build(name: str) -> Drafter:
+            if name == "sps":
+                draft_path = resolve_model(str(draft_model), progress=progress)
+                check_same_tokenizer(self.tokenizer, load_tokenizer(draft_path), self.model_path, draft_path)
+                draft = load_backend(
+                    draft_path, self.backend_name, dtype=self.target.dtype, device=self.target.device,
+                    max_length=self.target.max_length,
+                )  # fmt: skip
+                return DraftModelDrafter(draft, **method_options)
+            return METHODS[name].create(self.target, **method_options)
+
         try:
-            drafter: Drafter = build()
+            drafters = [build(name) for name in parts]
         except TypeError as e:  # an option the method does not take
             raise InvalidArgument("method_options", f"method {method!r}: {e}") from None
+        drafter: Drafter = drafters[0] if len(drafters) == 1 else HybridDrafter(*drafters)
         engine = Engine(
-            self.target, self.tokenizer, drafter, draft_length=draft_length, adaptive=adaptive,
+            self.target, self.tokenizer, drafter, draft_length=draft_length, adaptive=adaptive, sizing=sizing,
             model_name=self.model_name, eos_ids=self.eos_ids,
         )  # fmt: skip
         engine.model_path, engine.backend_name = self.model_path, self.backend_name
@@ -312,9 +327,10 @@ class Engine:
         """Yield the tokens each decoding step emits (EOS included, nothing after it)."""
         target, drafter = self.target, self.drafter
         generator = None if params.greedy else make_generator(target.device, params.seed)
+        sizing = self.seeded_sizing if params.seed is not None and not params.greedy else self.sizing
+        sizing.begin()  # may measure the cost curve: before the cache is filled
         target.reset()
         drafter.begin(prompt_ids)
-        self.draft_length.reset()
         tokens = list(prompt_ids)
         t0 = time.perf_counter()
         if len(tokens) > 1:
@@ -325,10 +341,11 @@ class Engine:
         while generated < max_new_tokens and target.length < target.max_length:
             start = target.length
             # Room: the verification block (root + nodes) must fit, and no point drafting past the end.
-            budget = min(self.draft_length.current, max_new_tokens - generated - 1, target.max_length - start - 1)
+            room = min(max_new_tokens - generated - 1, target.max_length - start - 1)
+            budget = min(sizing.budget(start), room) if room > 0 else 0
             t1 = time.perf_counter()
-            draft = drafter.propose(tokens, budget, params, generator) if budget > 0 else Draft()
-            draft = draft.head(budget)
+            proposed = drafter.propose(tokens, budget, params, generator).head(budget) if budget > 0 else Draft()
+            draft = sizing.cut(proposed, start)  # what is worth verifying; depends on the past only
             t2 = time.perf_counter()
             block = torch.tensor([tokens[-1]] + draft.tokens)
             if draft.is_chain:
@@ -351,13 +368,16 @@ class Engine:
             new = new[: max_new_tokens - generated]
             tokens.extend(new)
             drafter.update(tokens, len(path), draft)
-            self.draft_length.update(len(path), len(draft))
+            t4 = time.perf_counter()
+            sizing.record(StepRecord(start, proposed, draft, path, len(new), (t2 - t1) + (t4 - t3), t3 - t2))
             generated += len(new)
             stats.target_forwards += 1
             stats.accept_lengths.append(len(new))
-            stats.drafted_tokens += len(draft)
+            stats.drafted_tokens += len(proposed)
+            stats.verified_draft_tokens += len(draft)
             stats.accepted_draft_tokens += len(path)
-            stats.draft_time += (t2 - t1) + (time.perf_counter() - t3)
+            stats.plain_steps += not len(draft)
+            stats.draft_time += (t2 - t1) + (t4 - t3)
             stats.verify_time += t3 - t2
             yield new
             if new[-1] in self.eos_ids:
@@ -402,7 +422,8 @@ class Engine:
             yield detok.text[emitted:]
         stats.new_tokens = len(detok.ids)
         stats.total_time = time.perf_counter() - t0
-        stats.method = self.drafter.stats()
+        seeded = params.seed is not None and not params.greedy
+        stats.method = {**self.drafter.stats(), **(self.seeded_sizing if seeded else self.sizing).stats()}
         result = GenerationResult(detok.text, detok.ids, list(prompt_ids), finish, stats)
         if holder is not None:
             holder.result = result

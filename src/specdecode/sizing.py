@@ -1,0 +1,225 @@
+"""How much to draft and how much of a draft to verify: by expected payoff, or by a fixed rule.
+
+The payoff policy (the default) chooses, each step:
+1. a budget: how many tokens to ask the drafter for, the k that maximizes expected tokens per
+   second, (1 + a_1 + a_1 a_2 + ... ) / (k * draft_cost + T(k + 1)), from the method's running
+   acceptance per depth, its measured drafting cost per token and the target's cost curve T
+   (``costmodel.py``); zero (a plain step) when no draft is worth its cost;
+2. a cut: of the nodes proposed, the first k that maximize (1 + sum of their path acceptance
+   probabilities) / T(k + 1) (drafting is then already paid). A node's acceptance probability
+   comes from the drafter's own confidence where it gives one (a model's probability of its
+   token), calibrated by what was accepted at that confidence so far; otherwise from the
+   method's running acceptance at that depth.
+A guard keeps it honest: drafting steps and plain steps are timed (``drafters/payoff.py``), and
+while drafting measures slower than plain decoding, steps are plain except for a probe now and
+then. Every choice depends only on the past (timings, earlier verdicts) and on the draft itself,
+never on the target's verdict on it, so the output is exactly plain decoding's, greedy or
+sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .costmodel import CostModel
+from .draft import Draft
+from .drafters.payoff import DraftingPayoff
+from .errors import InvalidArgument
+
+SIZINGS = ("payoff", "adaptive", "fixed")
+PROBE_INTERVAL = 16  # every this many steps, a draft is tried even where it seems not to pay
+
+
+@dataclass
+class StepRecord:
+    """What one decoding step did, for the policy to learn from."""
+
+    context: int  # cached tokens before the verification forward
+    proposed: Draft  # what the drafter proposed (after the budget)
+    verified: Draft  # what was verified (after the cut)
+    accepted: list[int]  # accepted node indices of ``verified``, along the path
+    emitted: int  # tokens the step emitted
+    draft_seconds: float
+    verify_seconds: float
+
+
+class FixedSizing:
+    """Draft ``initial`` tokens; ``adaptive``: grow by 2 after a fully accepted draft, shrink by
+    1 otherwise, within [1, maximum]. Verify all of it."""
+
+    def __init__(self, initial: int, adaptive: bool = False, maximum: int = 16):
+        if isinstance(initial, bool) or not isinstance(initial, int) or initial < 0:
+            raise InvalidArgument("draft_length", f"expected an integer >= 0, got {initial!r}")
+        self.initial, self.adaptive, self.maximum = initial, adaptive, max(maximum, initial)
+        self.current = initial
+        self.name = "adaptive" if adaptive else "fixed"
+
+    def begin(self) -> None:
+        """Before a request's prefill."""
+        self.current = self.initial
+
+    def budget(self, context: int) -> int:
+        return self.current
+
+    def cut(self, draft: Draft, context: int) -> Draft:
+        return draft
+
+    def record(self, step: StepRecord) -> None:
+        proposed, accepted = len(step.verified), len(step.accepted)
+        if not self.adaptive or proposed == 0:
+            return
+        if accepted == proposed:
+            self.current = min(self.current + 2, self.maximum)
+        else:
+            self.current = max(self.current - 1, 1)
+
+    def stats(self) -> dict:
+        return {"sizing": self.name}
+
+
+class AcceptanceModel:
+    """P(node accepted | its parent accepted), learned from verdicts.
+
+    Keys: a drafter's confidence in tenths, or (without one) the node's depth. Counts decay, so
+    the estimate follows the text; a prior of weight ``prior`` pulls a new key toward the
+    confidence itself (or toward 1/2 for a depth)."""
+
+    def __init__(self, decay: float = 0.98, prior: float = 2.0):
+        self.decay, self.prior = decay, prior
+        self.counts: dict[tuple, list[float]] = {}
+
+    @staticmethod
+    def _key(confidence: float | None, depth: int) -> tuple:
+        if confidence is None:
+            return ("depth", min(depth, 12))
+        return ("conf", min(int(confidence * 10), 9))
+
+    def estimate(self, confidence: float | None, depth: int) -> float:
+        key = self._key(confidence, depth)
+        mean = 0.5 if confidence is None else min(max(confidence, 0.0), 1.0)
+        acc, n = self.counts.get(key, (0.0, 0.0))
+        return (acc + self.prior * mean) / (n + self.prior)
+
+    def learn(self, confidence: float | None, depth: int, accepted: bool) -> None:
+        c = self.counts.setdefault(self._key(confidence, depth), [0.0, 0.0])
+        c[0] = c[0] * self.decay + accepted
+        c[1] = c[1] * self.decay + 1
+
+    def depth_rates(self, depths: int) -> list[float]:
+        """Running acceptance at depths 1..``depths`` (for the budget, before any draft exists)."""
+        return [self.estimate(None, d) for d in range(1, depths + 1)]
+
+
+class PayoffSizing:
+    def __init__(self, cost: CostModel | None = None, *, maximum: int = 16, probe_draft: int = 4,
+                 cost_factory=None):  # fmt: skip
+        if isinstance(maximum, bool) or not isinstance(maximum, int) or maximum < 1:
+            raise InvalidArgument("max_draft_length", f"expected a positive integer, got {maximum!r}")
+        self._cost = cost
+        self._cost_factory = cost_factory  # measured on first use (vanilla never needs it)
+        self.maximum = maximum
+        self.probe_draft = min(probe_draft, maximum)
+        self.acceptance = AcceptanceModel()
+        self.guard: DraftingPayoff | None = DraftingPayoff()  # None: trust the cost model alone
+        self.draft_cost = 0.0  # seconds per proposed token, decayed average
+        self._draft_samples = 0
+        self.steps = 0
+        self.plain_steps = 0
+        self.name = "payoff"
+
+    @property
+    def cost(self) -> CostModel:
+        if self._cost is None:
+            self._cost = self._cost_factory()
+        return self._cost
+
+    def begin(self) -> None:
+        """Before a request's prefill: the cost curve is measured now if it must be (measuring
+        runs forwards on the target's cache); what was learned carries over between requests."""
+        _ = self.cost
+
+    # ---- the two choices ----------------------------------------------------------------------
+    def budget(self, context: int) -> int:
+        self.steps += 1
+        if self.guard is not None and not self.guard.should_draft():
+            return 0
+        rates = self.acceptance.depth_rates(self.maximum)
+        t1 = self.cost.forward(1, context)
+        best_k, best = 0, 1.0 / t1
+        expected, path = 1.0, 1.0
+        for k in range(1, self.maximum + 1):
+            path *= rates[k - 1]
+            expected += path
+            rate = expected / (k * self.draft_cost + self.cost.forward(k + 1, context))
+            if rate > best:
+                best_k, best = k, rate
+        if self._draft_samples and self.draft_cost < 0.02 * t1:
+            # A free drafter (lookup): let it propose all it has; the cut below decides on its
+            # actual draft and, where it gives them, its confidences.
+            return self.maximum
+        if best_k == 0 and (self._probing() or not self._draft_samples):
+            return self.probe_draft  # keep learning (the text may have changed), or start to
+        return best_k
+
+    def _probing(self) -> bool:
+        return self.steps > 0 and self.steps % PROBE_INTERVAL == 0
+
+    def path_probabilities(self, draft: Draft) -> list[float]:
+        depths = draft.depths()
+        probs: list[float] = []
+        for i, p in enumerate(draft.parents):
+            conf = draft.confidence[i] if draft.confidence else None
+            a = self.acceptance.estimate(conf, depths[i])
+            probs.append(a * (probs[p] if p >= 0 else 1.0))
+        return probs
+
+    def cut(self, draft: Draft, context: int) -> Draft:
+        if not len(draft):
+            return draft
+        probs = self.path_probabilities(draft)
+        best_k, best = 0, 1.0 / self.cost.forward(1, context)
+        expected = 1.0
+        for k in range(1, len(draft) + 1):
+            expected += probs[k - 1]
+            rate = expected / self.cost.forward(k + 1, context)
+            if rate > best:
+                best_k, best = k, rate
+        if self._probing():
+            best_k = max(best_k, min(len(draft), self.probe_draft))
+        return draft.head(best_k)
+
+    # ---- learning -----------------------------------------------------------------------------
+    def record(self, step: StepRecord) -> None:
+        self.cost.observe(len(step.verified) + 1, step.context, step.verify_seconds)
+        if len(step.proposed):
+            per_token = step.draft_seconds / len(step.proposed)
+            self._draft_samples += 1
+            self.draft_cost = per_token if self._draft_samples == 1 else 0.9 * self.draft_cost + 0.1 * per_token
+        drafted = len(step.proposed) > 0
+        if not drafted:
+            self.plain_steps += 1
+        if self.guard is not None:
+            self.guard.record(drafted, step.emitted, step.draft_seconds + step.verify_seconds)
+        # Every node whose parent was accepted was tested; those on the path passed.
+        draft = step.verified
+        on_path = set(step.accepted)
+        reached = {-1} | on_path
+        depths = draft.depths()
+        for i, p in enumerate(draft.parents):
+            if p in reached:
+                conf = draft.confidence[i] if draft.confidence else None
+                self.acceptance.learn(conf, depths[i], i in on_path)
+
+    def stats(self) -> dict:
+        return {"sizing": self.name, "plain_steps_total": self.plain_steps,
+                "draft_cost_ms": round(self.draft_cost * 1e3, 3)}  # fmt: skip
+
+
+def make_sizing(name: str | None, initial: int, maximum: int, cost_factory) -> FixedSizing | PayoffSizing:
+    if name is None:
+        name = "payoff"
+    if name not in SIZINGS:
+        raise InvalidArgument("sizing", f"expected one of {', '.join(SIZINGS)}, got {name!r}")
+    if name == "payoff":
+        return PayoffSizing(maximum=maximum, probe_draft=max(1, initial), cost_factory=cost_factory)
+    return FixedSizing(initial, adaptive=name == "adaptive", maximum=maximum)
