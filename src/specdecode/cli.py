@@ -41,7 +41,7 @@ def method_options(options: list[str] | None) -> dict:
 
 # Options shared by the commands that load an engine (generate, serve).
 MODEL_OPTION = typer.Option("smollm2-135m", "--model", "-m", help="Model folder or known name.")
-METHOD_OPTION = typer.Option("vanilla", help="Decoding method: vanilla, sps, pld, swift, ...; A+B: B where A has no draft (pld+sps).")
+METHOD_OPTION = typer.Option("vanilla", help="Decoding method: vanilla, sps, pld, swift, quant, ...; A+B: B where A has no draft (pld+quant).")
 DRAFT_MODEL_OPTION = typer.Option(None, help="Draft model for --method sps.")
 DRAFT_LENGTH_OPTION = typer.Option(None, help="Tokens drafted per step (method default if unset).")
 ADAPTIVE_OPTION = typer.Option(
@@ -54,6 +54,11 @@ METHOD_OPTIONS_OPTION = typer.Option(None, "--option", "-o", help="Method option
 DTYPE_OPTION = typer.Option("auto", help="auto, float32, bfloat16 or float16.")
 BACKEND_OPTION = typer.Option("auto", help="auto (native when supported), native or hf.")
 DEVICE_OPTION = typer.Option("cpu", help="cpu, cuda, cuda:1, ...")
+QUANTIZE_OPTION = typer.Option(
+    None, help="Serve the model itself quantized, weight-only: int4, int4-gN (N = 32, 64, 128, 256) or int8. "
+    "Output is then exact against the quantized model, not the original (native backend)."
+)
+DRAFT_QUANT_OPTION = typer.Option(None, help="Quantize the --draft-model of sps: int4, int4-gN or int8.")
 
 
 @app.command()
@@ -75,6 +80,8 @@ def generate(
     dtype: str = DTYPE_OPTION,
     backend: str = BACKEND_OPTION,
     device: str = DEVICE_OPTION,
+    quantize: Optional[str] = QUANTIZE_OPTION,
+    draft_quant: Optional[str] = DRAFT_QUANT_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token ids, statistics)."),
 ):
     """Generate text and print it with a one-line summary."""
@@ -83,7 +90,8 @@ def generate(
     try:
         engine = Engine.from_pretrained(
             model, method, draft_model=draft_model, backend=backend, dtype=dtype, device=device,
-            draft_length=draft_length, adaptive=adaptive, **method_options(option),
+            draft_length=draft_length, adaptive=adaptive, quantize=quantize, draft_quant=draft_quant,
+            **method_options(option),
         )  # fmt: skip
         request = [{"role": "user", "content": prompt}] if chat else prompt
         args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)

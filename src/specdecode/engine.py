@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .backends import Backend, load_backend
+from .backends.quant import QuantConfig
 from .draft import Draft, verify_greedy, verify_sampling
 from .drafters import METHODS, Drafter, DraftModelDrafter, VanillaDrafter
 from .drafters.hybrid import HybridDrafter
@@ -199,26 +200,32 @@ class Engine:
         sizing: str | None = None,
         max_length: int | None = None,
         progress: bool = True,
+        quantize: str | QuantConfig | None = None,
+        draft_quant: str | QuantConfig | None = None,
         **method_options: Any,
     ) -> "Engine":
         """Load a target (folder or known short name) and the drafter for ``method``.
 
-        method_options go to the drafter (pld: max_ngram, min_ngram).
+        method_options go to the drafter (pld: max_ngram, min_ngram). ``quantize`` ("int4",
+        "int4-g128", "int8"): serve the target itself with weight-only quantized linears; every
+        method is then exact against that quantized model. ``draft_quant``: the same for the sps
+        draft model.
         """
         _check_method(method, draft_model)
         torch_dtype = parse_dtype(dtype)
+        quant = None if quantize is None else QuantConfig.parse(quantize, "quantize")
         try:
             torch.device(device)
         except (RuntimeError, TypeError):
             raise InvalidArgument("device", f"expected a torch device such as cpu or cuda:0, got {device!r}") from None
         path = resolve_model(str(model), progress=progress)
         tokenizer = load_tokenizer(path)
-        target = load_backend(path, backend, dtype=torch_dtype, device=device, max_length=max_length)
+        target = load_backend(path, backend, dtype=torch_dtype, device=device, max_length=max_length, quantize=quant)
         engine = cls(target, tokenizer, VanillaDrafter(), model_name=Path(str(model)).name)
         engine.model_path, engine.backend_name = path, backend
         return engine.with_method(
             method, draft_model=draft_model, draft_length=draft_length, adaptive=adaptive, sizing=sizing,
-            progress=progress, **method_options,
+            progress=progress, draft_quant=draft_quant, **method_options,
         )  # fmt: skip
 
     def with_method(
@@ -230,23 +237,28 @@ class Engine:
         adaptive: bool | None = None,
         sizing: str | None = None,
         progress: bool = True,
+        draft_quant: str | QuantConfig | None = None,
         **method_options: Any,
     ) -> "Engine":
         """A new engine for ``method`` that shares this one's target model (no second copy of
-        the weights). Engines sharing a target must not generate at the same time."""
+        the weights). Engines sharing a target must not generate at the same time.
+        ``draft_quant`` ("int4", "int4-g128", "int8"): the sps draft model's linears quantized."""
         _check_method(method, draft_model)
         parts = _components(method)
         if len(parts) > 1 and method_options:
             raise InvalidArgument("method_options", f"hybrid {method!r}: options go to its methods one at a time; "
                                   "none are taken here")  # fmt: skip
+        if draft_quant is not None and "sps" not in parts:
+            raise InvalidArgument("draft_quant", f"only method 'sps' has a draft model to quantize, not {method!r}")
 
         def build(name: str) -> Drafter:
             if name == "sps":
+                draft_q = None if draft_quant is None else QuantConfig.parse(draft_quant, "draft_quant")
                 draft_path = resolve_model(str(draft_model), progress=progress)
                 check_same_tokenizer(self.tokenizer, load_tokenizer(draft_path), self.model_path, draft_path)
                 draft = load_backend(
                     draft_path, self.backend_name, dtype=self.target.dtype, device=self.target.device,
-                    max_length=self.target.max_length,
+                    max_length=self.target.max_length, quantize=draft_q,
                 )  # fmt: skip
                 return DraftModelDrafter(draft, **method_options)
             return METHODS[name].create(self.target, **method_options)

@@ -230,8 +230,12 @@ def check_linear(
     dtype: torch.dtype,
     activations: torch.Tensor | None = None,
     use_cache: bool = True,
+    fingerprint: str | None = None,
 ) -> RowCheck:
     """Check one linear (``apply``: x -> x W^T + b with this weight and kernel).
+
+    ``fingerprint``: the weight's digest, where the caller has one and ``weight`` is only a
+    stand-in of the right shape and device (a quantized weight, whose plain form is not kept).
 
     Chunking is the price of exactness, paid wherever a kernel needs it: a kernel that is
     invariant for m rows gets chunks of m, down to single rows in bf16/fp16 (verification then
@@ -242,7 +246,7 @@ def check_linear(
     device = weight.device
     key = "|".join(
         [f"v{CHECK_VERSION}", machine_key(device), kernel, str(dtype), str(tuple(weight.shape)),
-         weight_fingerprint(weight)]
+         fingerprint or weight_fingerprint(weight)]
     )  # fmt: skip
     cache = _load_cache() if use_cache else {}
     cached = key in cache

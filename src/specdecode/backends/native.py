@@ -325,7 +325,10 @@ class NativeBackend(Backend):
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
         max_length: int | None = None,
+        quantize=None,
     ):
+        """``quantize``: a ``quant.QuantConfig`` to serve the model with weight-only int4/int8
+        linears (a quantized model by choice; see ``quant.py``)."""
         path = Path(path)
         self.config = cfg = NativeConfig.from_folder(path)
         self.device = torch.device(device)
@@ -342,7 +345,8 @@ class NativeBackend(Backend):
             # Shared with the embedding table, so left unpacked: no second copy in memory.
             self.lm_head = _Linear(self.embed, None, pack=False)
         else:
-            self.lm_head = _Linear(get("lm_head.weight"), None, pack)
+            self.lm_head = _Linear(get("lm_head.weight"), None, pack and not (quantize and quantize.lm_head))
+        pack = pack and quantize is None  # packing is wasted on weights about to be quantized
         self.layers = []
         for i in range(cfg.num_layers):
             prefix = f"model.layers.{i}."
@@ -352,6 +356,11 @@ class NativeBackend(Backend):
             except KeyError as e:
                 raise ModelLoadError(f"weights in {str(path)!r} lack tensor {prefix}{e.args[0]}") from None
         del raw
+        self.quantized_bytes = 0  # bytes of quantized linears, when the model itself is quantized
+        if quantize is not None:
+            from .quant import quantize_in_place
+
+            self.quantized_bytes = quantize_in_place(self, quantize)
 
         # RoPE tables for every position, in float32, cast like transformers does.
         pos = torch.arange(self.max_length, dtype=torch.float32)
@@ -471,10 +480,15 @@ class NativeBackend(Backend):
         skip: SkipSet | None = None,
         logits_rows: torch.Tensor | slice | None = slice(None),
         context: int | None = None,
+        weights=None,
     ) -> torch.Tensor | None:
         """See ``Backend.forward``. Native only: ``context`` limits what the block sees of the
         cache to its first ``context`` tokens (scoring a layer set on text already decoded,
-        without disturbing the cache)."""
+        without disturbing the cache); ``weights`` (``layers`` and ``lm_head``, e.g. a
+        ``quant.QuantizedWeights``) runs other linears over the same cache (self-drafting
+        through a quantized copy)."""
+        layers = self.layers if weights is None else weights.layers
+        lm_head = self.lm_head if weights is None else weights.lm_head
         cfg = self.config
         n = int(input_ids.shape[0])
         start = self.length
@@ -496,7 +510,7 @@ class NativeBackend(Backend):
 
         x = F.embedding(input_ids, self.embed)  # [n, D]
         end = start + n
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(layers):
             if i not in skip_attn:
                 h = _rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
                 qkv = layer.qkv(h)
@@ -524,4 +538,4 @@ class NativeBackend(Backend):
         if logits_rows is None:
             return None
         x = _rms_norm(x[logits_rows], self.norm, cfg.rms_norm_eps)
-        return self.lm_head(x).float()
+        return lm_head(x).float()

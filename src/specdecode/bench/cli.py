@@ -34,6 +34,11 @@ def bench(
         None, "--method-option", "-O", help="method.key=value, e.g. pld.max_ngram=4 (repeatable)."
     ),
     draft_model: Optional[str] = typer.Option(None, help="Draft model for sps and hf-assisted."),
+    quantize: Optional[str] = typer.Option(
+        None, help="Serve the target quantized for our methods: int4, int4-gN (N = 32, 64, 128, 256) or int8 "
+        "(the hf-* peers run the full-precision model)."
+    ),
+    draft_quant: Optional[str] = typer.Option(None, help="Quantize the sps draft model: int4, int4-gN or int8."),
     baseline: Optional[str] = typer.Option(None, help="Method the speedups are relative to (default hf-vanilla, else vanilla)."),
     temperature: float = typer.Option(0.0, help="0 = greedy (exact match is checked); > 0 samples."),
     seed: int = typer.Option(0, help="Random seed for sampling."),
@@ -65,7 +70,7 @@ def bench(
         config = BenchConfig(
             model=model, methods=specs, draft_model=draft_model, max_new_tokens=max_new_tokens,
             temperature=temperature, seed=seed, dtype=dtype, device=device, backend=backend,
-            threads=threads, warmup=warmup,
+            threads=threads, warmup=warmup, quantize=quantize, draft_quant=draft_quant,
         )  # fmt: skip
         if threads and workers == 1:
             import torch

@@ -41,6 +41,8 @@ class BenchConfig:
     backend: str = "auto"
     threads: int | None = None
     warmup: int = 1
+    quantize: str | None = None  # the target served quantized (int4, int4-gN, int8): our methods only
+    draft_quant: str | None = None  # the sps draft model quantized
 
     @property
     def model_name(self) -> str:
@@ -51,6 +53,9 @@ class BenchConfig:
         options = dict(spec.options)
         if spec.needs_draft_model:
             options["draft_model"] = Path(str(self.draft_model)).name
+            if self.draft_quant and not spec.is_peer:
+                options["draft_quant"] = self.draft_quant
+        quantized = {"quantize": self.quantize} if self.quantize and not spec.is_peer else {}
         return {
             "model": self.model_name,
             "method": spec.name,
@@ -59,6 +64,7 @@ class BenchConfig:
             "temperature": self.temperature,
             "seed": self.seed if self.temperature > 0 else None,
             "dtype": self.dtype,
+            **quantized,
         }
 
 
@@ -129,7 +135,8 @@ class BenchWorker:
             torch.set_num_threads(config.threads)
         self.config = config
         self.engine = Engine.from_pretrained(
-            config.model, "vanilla", backend=config.backend, dtype=config.dtype, device=config.device, progress=progress
+            config.model, "vanilla", backend=config.backend, dtype=config.dtype, device=config.device, progress=progress,
+            quantize=config.quantize,
         )
         target = self.engine.target
         self.dtype_name = str(target.dtype).removeprefix("torch.")
@@ -145,6 +152,7 @@ class BenchWorker:
                 options = dict(spec.options)
                 if spec.needs_draft_model:
                     options["draft_model"] = config.draft_model
+                    options["draft_quant"] = config.draft_quant
                 self.runners[spec.name] = OurMethod(self.engine.with_method(spec.name, progress=progress, **options))
         self.specs = {s.name: s for s in config.methods}
 

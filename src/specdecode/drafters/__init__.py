@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import Drafter, VanillaDrafter
 from .pld import PromptLookupDrafter
+from .quant import QuantDrafter
 from .sps import DraftModelDrafter
 from .swift import SwiftDrafter
 
@@ -12,6 +13,7 @@ METHODS: dict[str, type[Drafter]] = {
     "sps": DraftModelDrafter,
     "pld": PromptLookupDrafter,
     "swift": SwiftDrafter,
+    "quant": QuantDrafter,
 }
 
-__all__ = ["METHODS", "Drafter", "DraftModelDrafter", "PromptLookupDrafter", "SwiftDrafter", "VanillaDrafter"]
+__all__ = ["METHODS", "Drafter", "DraftModelDrafter", "PromptLookupDrafter", "QuantDrafter", "SwiftDrafter", "VanillaDrafter"]
