@@ -20,11 +20,12 @@ from typing import Any
 import torch
 
 from .backends import Backend, load_backend
-from .draft import Draft, verify_greedy, verify_sampling
+from .draft import Draft, verify_sampling
 from .drafters import METHODS, Drafter, DraftModelDrafter, VanillaDrafter
 from .errors import InvalidArgument, ModelLoadError
 from .hub import resolve_model
 from .sampling import SamplingParams
+from .verification import VerifyRule
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -77,6 +78,8 @@ class GenerationStats:
     verify_time: float = 0.0
     total_time: float = 0.0
     method: dict[str, Any] = field(default_factory=dict)
+    verify: str = "exact"  # the acceptance rule; anything else is lossy when ``lossy`` says so
+    lossy: bool = False
 
     @property
     def mean_accepted_tokens(self) -> float:
@@ -162,8 +165,10 @@ class Engine:
         max_draft_length: int = 16,
         model_name: str = "model",
         eos_ids: set[int] | None = None,
+        verify: VerifyRule | None = None,
     ):
         self.target = target
+        self.verify = verify or VerifyRule()
         self.tokenizer = tokenizer
         self.drafter = drafter
         self.model_name = model_name
@@ -191,11 +196,13 @@ class Engine:
         adaptive: bool | None = None,
         max_length: int | None = None,
         progress: bool = True,
+        verify: str = "exact",
         **method_options: Any,
     ) -> "Engine":
         """Load a target (folder or known short name) and the drafter for ``method``.
 
-        method_options go to the drafter (pld: max_ngram, min_ngram).
+        method_options go to the drafter (pld: max_ngram, min_ngram). ``verify="specdec"`` (with
+        beta, tau among the options) is SpecDec's lossy acceptance rule (see verification.py).
         """
         _check_method(method, draft_model)
         torch_dtype = parse_dtype(dtype)
@@ -210,7 +217,7 @@ class Engine:
         engine.model_path, engine.backend_name = path, backend
         return engine.with_method(
             method, draft_model=draft_model, draft_length=draft_length, adaptive=adaptive,
-            progress=progress, **method_options,
+            progress=progress, verify=verify, **method_options,
         )  # fmt: skip
 
     def with_method(
@@ -221,11 +228,15 @@ class Engine:
         draft_length: int | None = None,
         adaptive: bool | None = None,
         progress: bool = True,
+        verify: str = "exact",
         **method_options: Any,
     ) -> "Engine":
         """A new engine for ``method`` that shares this one's target model (no second copy of
         the weights). Engines sharing a target must not generate at the same time."""
         _check_method(method, draft_model)
+        rule = VerifyRule.parse(verify, method_options)
+        if getattr(METHODS[method], "uses_tokenizer", False):
+            method_options.setdefault("tokenizer", self.tokenizer)  # e.g. to read a corpus
         if method == "sps":
             draft_path = resolve_model(str(draft_model), progress=progress)
             check_same_tokenizer(self.tokenizer, load_tokenizer(draft_path), self.model_path, draft_path)
@@ -242,7 +253,7 @@ class Engine:
             raise InvalidArgument("method_options", f"method {method!r}: {e}") from None
         engine = Engine(
             self.target, self.tokenizer, drafter, draft_length=draft_length, adaptive=adaptive,
-            model_name=self.model_name, eos_ids=self.eos_ids,
+            model_name=self.model_name, eos_ids=self.eos_ids, verify=rule,
         )  # fmt: skip
         engine.model_path, engine.backend_name = self.model_path, self.backend_name
         return engine
@@ -314,6 +325,7 @@ class Engine:
         if not params.greedy:
             generator = torch.Generator(device="cpu")
             generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        stats.verify, stats.lossy = self.verify.describe(), self.verify.lossy
         target.reset()
         drafter.begin(prompt_ids)
         self.draft_length.reset()
@@ -339,12 +351,13 @@ class Engine:
                 positions = torch.tensor([0] + draft.depths()) + start
                 logits = target.forward(block, positions=positions, tree_mask=draft.tree_mask())
             if params.greedy:
-                path, nxt = verify_greedy(draft, logits)
+                path, nxt = self.verify.greedy(draft, logits)
             else:
                 path, nxt = verify_sampling(draft, logits, params, generator)
             target.keep(start, [0] + [n + 1 for n in path])
             self._sync()
             t3 = time.perf_counter()
+            drafter.observe(tokens[-1], draft, logits)
             new = [draft.tokens[n] for n in path] + [nxt]
             for i, tok in enumerate(new):
                 if tok in self.eos_ids:
@@ -415,6 +428,8 @@ class Engine:
     def _prepare(self, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop):
         _check_positive_int("max_new_tokens", max_new_tokens)
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        if self.verify.lossy and not params.greedy:
+            raise InvalidArgument("temperature", f"verify={self.verify.describe()} is a greedy acceptance rule; use temperature 0")
         if stop is None:
             stop = []
         elif isinstance(stop, str):
