@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from .base import Drafter, VanillaDrafter
+from .lookahead import LookaheadDrafter
 from .pld import PromptLookupDrafter
+from .recycle import RecycleDrafter, SuffixRecycleDrafter
+from .rest import RestDrafter
 from .sps import DraftModelDrafter
+from .suffix import SuffixDrafter
 from .swift import SwiftDrafter
 
 METHODS: dict[str, type[Drafter]] = {
@@ -12,6 +16,16 @@ METHODS: dict[str, type[Drafter]] = {
     "sps": DraftModelDrafter,
     "pld": PromptLookupDrafter,
     "swift": SwiftDrafter,
+    # Model-free drafters (no weights of their own): suffix structures, the target's own
+    # verification logits, Jacobi iteration, retrieval.
+    "suffix": SuffixDrafter,
+    "recycle": RecycleDrafter,
+    "suffix+recycle": SuffixRecycleDrafter,
+    "lookahead": LookaheadDrafter,
+    "rest": RestDrafter,
 }
 
-__all__ = ["METHODS", "Drafter", "DraftModelDrafter", "PromptLookupDrafter", "SwiftDrafter", "VanillaDrafter"]
+__all__ = [
+    "METHODS", "Drafter", "DraftModelDrafter", "LookaheadDrafter", "PromptLookupDrafter", "RecycleDrafter",
+    "RestDrafter", "SuffixDrafter", "SuffixRecycleDrafter", "SwiftDrafter", "VanillaDrafter",
+]  # fmt: skip
