@@ -41,7 +41,9 @@ def method_options(options: list[str] | None) -> dict:
 
 # Options shared by the commands that load an engine (generate, serve).
 MODEL_OPTION = typer.Option("smollm2-135m", "--model", "-m", help="Model folder or known name.")
-METHOD_OPTION = typer.Option("vanilla", help="Decoding method: vanilla, sps, pld, swift, ...")
+METHOD_OPTION = typer.Option(
+    "vanilla", help="Decoding method: vanilla, sps, pld, swift, suffix, recycle, suffix+recycle, lookahead, rest."
+)
 DRAFT_MODEL_OPTION = typer.Option(None, help="Draft model for --method sps.")
 DRAFT_LENGTH_OPTION = typer.Option(None, help="Tokens drafted per step (method default if unset).")
 ADAPTIVE_OPTION = typer.Option(None, "--adaptive/--fixed", help="Adapt the draft length to acceptance.")
@@ -49,6 +51,9 @@ METHOD_OPTIONS_OPTION = typer.Option(None, "--option", "-o", help="Method option
 DTYPE_OPTION = typer.Option("auto", help="auto, float32, bfloat16 or float16.")
 BACKEND_OPTION = typer.Option("auto", help="auto (native when supported), native or hf.")
 DEVICE_OPTION = typer.Option("cpu", help="cpu, cuda, cuda:1, ...")
+VERIFY_OPTION = typer.Option(
+    "exact", help="Acceptance rule: exact (lossless), or specdec (LOSSY, greedy only; -o beta=3 -o tau=1.0)."
+)
 
 
 @app.command()
@@ -70,6 +75,7 @@ def generate(
     dtype: str = DTYPE_OPTION,
     backend: str = BACKEND_OPTION,
     device: str = DEVICE_OPTION,
+    verify: str = VERIFY_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token ids, statistics)."),
 ):
     """Generate text and print it with a one-line summary."""
@@ -78,7 +84,7 @@ def generate(
     try:
         engine = Engine.from_pretrained(
             model, method, draft_model=draft_model, backend=backend, dtype=dtype, device=device,
-            draft_length=draft_length, adaptive=adaptive, **method_options(option),
+            draft_length=draft_length, adaptive=adaptive, verify=verify, **method_options(option),
         )  # fmt: skip
         request = [{"role": "user", "content": prompt}] if chat else prompt
         args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
@@ -94,7 +100,8 @@ def generate(
         s = stream.result.stats
         typer.secho(
             f"[{method}] {s.new_tokens} tokens in {s.total_time:.2f}s = {s.tokens_per_second:.1f} tok/s | "
-            f"mean accepted tokens {s.mean_accepted_tokens:.2f} | target forwards {s.target_forwards}",
+            f"mean accepted tokens {s.mean_accepted_tokens:.2f} | target forwards {s.target_forwards}"
+            + (f" | LOSSY: verify={s.verify}, output may differ from plain decoding" if s.lossy else ""),
             err=True, fg=typer.colors.CYAN,
         )  # fmt: skip
     except (SpecDecodeError, TypeError) as e:
@@ -172,6 +179,32 @@ def tune(
         typer.echo(f"saved {out}: skip attention {s.attention}, mlp {s.mlp}, score {s.score}, {'settled' if s.done else 'still searching'}")
     except (SpecDecodeError, TypeError) as e:
         fail(str(e))
+
+
+datastore_app = typer.Typer(no_args_is_help=True, help="Retrieval datastores for --method rest.")
+app.add_typer(datastore_app, name="datastore")
+
+
+@datastore_app.command("build")
+def datastore_build(
+    corpus: str = typer.Argument(..., help="Corpus: a .jsonl file (one document per line) or a text file."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder to write the datastore to."),
+    model: str = MODEL_OPTION,
+):
+    """Tokenize a corpus with the model's tokenizer and index it (suffix array) for `rest`."""
+    import os
+
+    from .datastore import build_datastore
+    from .engine import load_tokenizer
+    from .hub import resolve_model
+
+    try:
+        path = resolve_model(model)
+        store = build_datastore(corpus, out, load_tokenizer(path), os.path.basename(os.path.normpath(model)))
+    except SpecDecodeError as e:
+        fail(str(e))
+        return
+    print(f"{out}: {store.meta['documents']} documents, {store.meta['tokens']} tokens")
 
 
 def _register_optional_commands() -> None:
