@@ -54,7 +54,7 @@ def make_drafter(method: str, tmp_path):
         rng = np.random.default_rng(0)
         docs = [PROMPT + [int(x) for x in rng.integers(0, V, 6)] for _ in range(20)]
         Datastore.from_documents(docs).save(tmp_path / "ds")
-        return RestDrafter(datastore=str(tmp_path / "ds"), min_match=1)
+        return RestDrafter(datastore=str(tmp_path / "ds"), min_match=1, min_prob=0.0)
     raise ValueError(method)
 
 

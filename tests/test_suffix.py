@@ -101,7 +101,7 @@ def test_store_evicts_least_recently_used_within_its_bound():
 
 
 def test_a_later_request_finds_an_earlier_ones_text():
-    drafter = SuffixDrafter(store_tokens=10_000)
+    drafter = SuffixDrafter(store_tokens=10_000, min_prob=0.0)
     greedy = SamplingParams()
     first = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
     drafter.begin(first[:4])
@@ -118,7 +118,7 @@ def test_a_later_request_finds_an_earlier_ones_text():
 
 
 def test_without_a_store_nothing_is_remembered():
-    drafter = SuffixDrafter(store_tokens=0)
+    drafter = SuffixDrafter(store_tokens=0, min_prob=0.0)
     drafter.begin([1, 2, 3, 4])
     drafter.update([1, 2, 3, 4, 5], 0, drafter.propose([1, 2, 3, 4], 4, SamplingParams(), None))
     drafter.begin([7, 3, 4])
@@ -126,7 +126,7 @@ def test_without_a_store_nothing_is_remembered():
 
 
 def test_drafts_are_best_first_trees_with_confidences():
-    drafter = SuffixDrafter(store_tokens=0)
+    drafter = SuffixDrafter(store_tokens=0, min_prob=0.0)
     # The longest match is "1 2", after which 3 came four times and 4 once.
     text = [9, 1, 2, 3, 8, 1, 2, 3, 7, 1, 2, 4, 6, 1, 2, 3, 5, 1, 2, 3, 0, 1, 2]
     drafter.begin(text)

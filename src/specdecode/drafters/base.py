@@ -45,8 +45,9 @@ class Drafter:
         """The verdict: ``num_accepted`` nodes of ``draft`` were kept; ``tokens`` is the new sequence."""
 
     def forget(self) -> None:
-        """Drop what was learned from earlier requests (a benchmark calls it after warming up,
-        so that a method's memory starts cold on the timed questions)."""
+        """Drop the text remembered from earlier requests (a benchmark calls it after warming
+        up, so that a method's memory starts cold on the timed questions). What a drafter
+        learned about itself (how far to trust its estimates) may stay."""
 
     def stats(self) -> dict:
         """Method-specific statistics for the last request (merged into the result's stats)."""

@@ -47,9 +47,9 @@ class LookaheadDrafter(Drafter):
     def __init__(
         self,
         *,
-        window: int = 4,
+        window: int = 3,
         ngram: int = 3,
-        guesses: int = 3,
+        guesses: int = 2,
         pool_per_token: int = 8,
         pool_from_prompt: bool = True,
         seed: int = 0,
@@ -151,7 +151,9 @@ class LookaheadDrafter(Drafter):
         last = self.levels - 1
         nodes = {k: v for k, v in self._window_nodes.items() if v < len(draft)}
         wanted = [(i, nodes[(last, i)]) for i in range(self.window) if (last, i) in nodes]
-        predicted = logits[[v + 1 for _, v in wanted]].argmax(dim=-1).tolist() if wanted else []
+        if not wanted:
+            return  # the window was cut off this draft: it waits as it is
+        predicted = logits[[v + 1 for _, v in wanted]].argmax(dim=-1).tolist()
         new_row = list(self.rows[last])  # old guesses stay where the window was cut
         for (i, _), tok in zip(wanted, predicted):
             # The diagonal that ends at (last, i) (one token per row, all at index i), continued

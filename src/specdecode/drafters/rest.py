@@ -52,7 +52,7 @@ class RestDrafter(Drafter):
         min_match: int = 2,
         samples: int = 64,
         depth: int = 10,
-        min_prob: float = 0.01,
+        min_prob: float = 0.15,
         tree: bool = True,
     ):
         if not isinstance(datastore, str) or not datastore:
@@ -110,9 +110,6 @@ class RestDrafter(Drafter):
             path = accepted_path(draft, tokens[self._propose_len : self._propose_len + num_accepted])
             self.calibration.learn(draft, self._meta, path)
         self._meta = []
-
-    def forget(self) -> None:
-        self.calibration = Calibration()
 
     def stats(self) -> dict:
         return {"datastore_tokens": int(self.store.meta.get("tokens", 0)), "matched_steps": self._matched, "steps": self._steps}
