@@ -88,7 +88,7 @@ class SuffixDrafter(Drafter):
         max_depth: int = 24,
         branch: int = 4,
         min_match: int = 1,
-        min_prob: float = 0.15,
+        min_prob: float = 0.2,
         count_depth: int = 32,
         tree: bool = True,
     ):
