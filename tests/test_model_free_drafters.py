@@ -200,3 +200,23 @@ def test_bad_options_get_clear_errors(stories_path, method, opts, argument):
     with pytest.raises(InvalidArgument) as e:
         Engine.from_pretrained(stories_path, method, progress=False, **opts)
     assert e.value.argument == argument
+
+
+def test_recycle_learns_from_verification_logits_and_forgets():
+    from specdecode.draft import Draft
+    from specdecode.drafters import RecycleDrafter
+    from specdecode.sampling import SamplingParams
+
+    drafter = RecycleDrafter(k=3, branch=2, min_prob=0.0)
+    drafter.begin([1, 2, 5])
+    assert drafter.propose([1, 2, 5], 8, SamplingParams(), None).tokens == []  # nothing seen yet
+    logits = torch.full((2, 10), -10.0)
+    logits[0, 7], logits[0, 3] = 5.0, 4.0  # after 5: 7, then 3
+    logits[1, 8] = 6.0  # after 7: 8
+    drafter.observe(5, Draft.chain([7]), logits)
+    assert [t for t, _ in drafter.table.rows[5]][:2] == [7, 3] and drafter.table.rows[7][0][0] == 8
+    draft = drafter.propose([1, 2, 5], 8, SamplingParams(), None)
+    assert draft.tokens[:2] == [7, 8] and draft.parents[:2] == [-1, 0]  # best path first
+    assert 3 in draft.tokens and draft.parents[draft.tokens.index(3)] == -1
+    drafter.forget()
+    assert drafter.propose([1, 2, 5], 8, SamplingParams(), None).tokens == []
