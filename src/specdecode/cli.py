@@ -41,7 +41,10 @@ def method_options(options: list[str] | None) -> dict:
 
 # Options shared by the commands that load an engine (generate, serve).
 MODEL_OPTION = typer.Option("smollm2-135m", "--model", "-m", help="Model folder or known name.")
-METHOD_OPTION = typer.Option("vanilla", help="Decoding method: vanilla, sps, pld, swift, quant, ...; A+B: B where A has no draft (pld+quant).")
+METHOD_OPTION = typer.Option(
+    "vanilla", help="Decoding method: vanilla, sps, pld, swift, quant, suffix, recycle, suffix+recycle, lookahead, "
+    "rest; A+B: B where A has no draft (pld+quant).",
+)
 DRAFT_MODEL_OPTION = typer.Option(None, help="Draft model for --method sps.")
 DRAFT_LENGTH_OPTION = typer.Option(None, help="Tokens drafted per step (method default if unset).")
 ADAPTIVE_OPTION = typer.Option(
@@ -59,6 +62,9 @@ QUANTIZE_OPTION = typer.Option(
     "Output is then exact against the quantized model, not the original (native backend)."
 )
 DRAFT_QUANT_OPTION = typer.Option(None, help="Quantize the --draft-model of sps: int4, int4-gN or int8.")
+VERIFY_OPTION = typer.Option(
+    "exact", help="Acceptance rule: exact (lossless), or specdec (LOSSY, greedy only; -o beta=3 -o tau=1.0)."
+)
 
 
 @app.command()
@@ -82,6 +88,7 @@ def generate(
     device: str = DEVICE_OPTION,
     quantize: Optional[str] = QUANTIZE_OPTION,
     draft_quant: Optional[str] = DRAFT_QUANT_OPTION,
+    verify: str = VERIFY_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token ids, statistics)."),
 ):
     """Generate text and print it with a one-line summary."""
@@ -91,7 +98,7 @@ def generate(
         engine = Engine.from_pretrained(
             model, method, draft_model=draft_model, backend=backend, dtype=dtype, device=device,
             draft_length=draft_length, adaptive=adaptive, quantize=quantize, draft_quant=draft_quant,
-            **method_options(option),
+            verify=verify, **method_options(option),
         )  # fmt: skip
         request = [{"role": "user", "content": prompt}] if chat else prompt
         args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
@@ -107,7 +114,8 @@ def generate(
         s = stream.result.stats
         typer.secho(
             f"[{method}] {s.new_tokens} tokens in {s.total_time:.2f}s = {s.tokens_per_second:.1f} tok/s | "
-            f"mean accepted tokens {s.mean_accepted_tokens:.2f} | target forwards {s.target_forwards}",
+            f"mean accepted tokens {s.mean_accepted_tokens:.2f} | target forwards {s.target_forwards}"
+            + (f" | LOSSY: verify={s.verify}, output may differ from plain decoding" if s.lossy else ""),
             err=True, fg=typer.colors.CYAN,
         )  # fmt: skip
     except (SpecDecodeError, TypeError) as e:
@@ -216,6 +224,32 @@ def doctor(
     except SpecDecodeError as e:
         fail(str(e))
     print(json.dumps(report, indent=1) if as_json else format_report(report))
+
+
+datastore_app = typer.Typer(no_args_is_help=True, help="Retrieval datastores for --method rest.")
+app.add_typer(datastore_app, name="datastore")
+
+
+@datastore_app.command("build")
+def datastore_build(
+    corpus: str = typer.Argument(..., help="Corpus: a .jsonl file (one document per line) or a text file."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder to write the datastore to."),
+    model: str = MODEL_OPTION,
+):
+    """Tokenize a corpus with the model's tokenizer and index it (suffix array) for `rest`."""
+    import os
+
+    from .datastore import build_datastore
+    from .engine import load_tokenizer
+    from .hub import resolve_model
+
+    try:
+        path = resolve_model(model)
+        store = build_datastore(corpus, out, load_tokenizer(path), os.path.basename(os.path.normpath(model)))
+    except SpecDecodeError as e:
+        fail(str(e))
+        return
+    print(f"{out}: {store.meta['documents']} documents, {store.meta['tokens']} tokens")
 
 
 def _register_optional_commands() -> None:

@@ -143,3 +143,35 @@ def verify_sampling(
             return path, sample(p, generator)
         path.append(accepted)
         node = accepted
+
+
+def verify_specdec(draft: Draft, logits: torch.Tensor, beta: int, tau: float) -> tuple[list[int], int]:
+    """SpecDec's relaxed greedy acceptance (Xia et al. 2023), LOSSY: a drafted token is accepted
+    when it is among the target's ``beta`` most likely tokens and its log-probability is within
+    ``tau`` of the most likely one's. Among several acceptable children the target's favourite
+    wins. When none is acceptable the next token is the target's argmax, as in greedy decoding.
+    With beta = 1 (any tau) only the argmax is acceptable: exactly ``verify_greedy``.
+    """
+    if beta == 1:
+        return verify_greedy(draft, logits)
+    logp = logits.float().log_softmax(dim=-1)
+    top = logp.topk(min(beta, logp.shape[-1]), dim=-1)
+    top_ids, top_lp = top.indices.tolist(), top.values.tolist()
+    argmax = logits.argmax(dim=-1).tolist()  # the greedy token (topk may order ties differently)
+    kids = draft.children()
+    path: list[int] = []
+    node = -1
+    while True:
+        row = node + 1
+        best_lp = top_lp[row][0]
+        allowed = {t: lp for t, lp in zip(top_ids[row], top_lp[row]) if lp >= best_lp - tau}
+        allowed[argmax[row]] = best_lp
+        best = None
+        for c in kids.get(node, ()):
+            lp = allowed.get(draft.tokens[c])
+            if lp is not None and (best is None or lp > allowed[draft.tokens[best]]):
+                best = c
+        if best is None:
+            return path, argmax[row]
+        path.append(best)
+        node = best

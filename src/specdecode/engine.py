@@ -21,7 +21,7 @@ import torch
 
 from .backends import Backend, load_backend
 from .backends.quant import QuantConfig
-from .draft import Draft, verify_greedy, verify_sampling
+from .draft import Draft, verify_sampling
 from .drafters import METHODS, Drafter, DraftModelDrafter, VanillaDrafter
 from .drafters.hybrid import HybridDrafter
 from .errors import InvalidArgument, ModelLoadError
@@ -30,6 +30,7 @@ from .costmodel import CostModel
 from .sampling import SamplingParams, make_generator
 from .sizing import FixedSizing, StepRecord, make_sizing
 from .text import IncrementalDetokenizer, find_stop, safe_end, trim_to_stop
+from .verification import VerifyRule
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -62,6 +63,8 @@ class GenerationStats:
     verify_time: float = 0.0
     total_time: float = 0.0
     method: dict[str, Any] = field(default_factory=dict)
+    verify: str = "exact"  # the acceptance rule; anything else is lossy when ``lossy`` says so
+    lossy: bool = False
 
     @property
     def mean_accepted_tokens(self) -> float:
@@ -163,8 +166,10 @@ class Engine:
         max_draft_length: int = 16,
         model_name: str = "model",
         eos_ids: set[int] | None = None,
+        verify: VerifyRule | None = None,
     ):
         self.target = target
+        self.verify = verify or VerifyRule()
         self.tokenizer = tokenizer
         self.drafter = drafter
         self.model_name = model_name
@@ -202,6 +207,7 @@ class Engine:
         progress: bool = True,
         quantize: str | QuantConfig | None = None,
         draft_quant: str | QuantConfig | None = None,
+        verify: str = "exact",
         **method_options: Any,
     ) -> "Engine":
         """Load a target (folder or known short name) and the drafter for ``method``.
@@ -209,7 +215,8 @@ class Engine:
         method_options go to the drafter (pld: max_ngram, min_ngram). ``quantize`` ("int4",
         "int4-g128", "int8"): serve the target itself with weight-only quantized linears; every
         method is then exact against that quantized model. ``draft_quant``: the same for the sps
-        draft model.
+        draft model. ``verify="specdec"`` (with beta, tau among the options) is SpecDec's lossy
+        acceptance rule (see verification.py).
         """
         _check_method(method, draft_model)
         torch_dtype = parse_dtype(dtype)
@@ -225,7 +232,7 @@ class Engine:
         engine.model_path, engine.backend_name = path, backend
         return engine.with_method(
             method, draft_model=draft_model, draft_length=draft_length, adaptive=adaptive, sizing=sizing,
-            progress=progress, draft_quant=draft_quant, **method_options,
+            progress=progress, draft_quant=draft_quant, verify=verify, **method_options,
         )  # fmt: skip
 
     def with_method(
@@ -238,6 +245,7 @@ class Engine:
         sizing: str | None = None,
         progress: bool = True,
         draft_quant: str | QuantConfig | None = None,
+        verify: str = "exact",
         **method_options: Any,
     ) -> "Engine":
         """A new engine for ``method`` that shares this one's target model (no second copy of
@@ -248,6 +256,9 @@ class Engine:
         if len(parts) > 1 and method_options:
             raise InvalidArgument("method_options", f"hybrid {method!r}: options go to its methods one at a time; "
                                   "none are taken here")  # fmt: skip
+        rule = VerifyRule.parse(verify, method_options)
+        if any(getattr(METHODS[name], "uses_tokenizer", False) for name in parts):
+            method_options.setdefault("tokenizer", self.tokenizer)  # e.g. to read a corpus
         if draft_quant is not None and "sps" not in parts:
             raise InvalidArgument("draft_quant", f"only method 'sps' has a draft model to quantize, not {method!r}")
 
@@ -270,7 +281,7 @@ class Engine:
         drafter: Drafter = drafters[0] if len(drafters) == 1 else HybridDrafter(*drafters)
         engine = Engine(
             self.target, self.tokenizer, drafter, draft_length=draft_length, adaptive=adaptive, sizing=sizing,
-            model_name=self.model_name, eos_ids=self.eos_ids,
+            model_name=self.model_name, eos_ids=self.eos_ids, verify=rule,
         )  # fmt: skip
         engine.model_path, engine.backend_name = self.model_path, self.backend_name
         return engine
@@ -341,6 +352,7 @@ class Engine:
         generator = None if params.greedy else make_generator(target.device, params.seed)
         sizing = self.seeded_sizing if params.seed is not None and not params.greedy else self.sizing
         sizing.begin()  # may measure the cost curve: before the cache is filled
+        stats.verify, stats.lossy = self.verify.describe(), self.verify.lossy
         target.reset()
         drafter.begin(prompt_ids)
         tokens = list(prompt_ids)
@@ -366,12 +378,13 @@ class Engine:
                 positions = torch.tensor([0] + draft.depths()) + start
                 logits = target.forward(block, positions=positions, tree_mask=draft.tree_mask())
             if params.greedy:
-                path, nxt = verify_greedy(draft, logits)
+                path, nxt = self.verify.greedy(draft, logits)
             else:
                 path, nxt = verify_sampling(draft, logits, params, generator)
             target.keep(start, [0] + [n + 1 for n in path])
             self._sync()
             t3 = time.perf_counter()
+            drafter.observe(tokens[-1], draft, logits)
             new = [draft.tokens[n] for n in path] + [nxt]
             for i, tok in enumerate(new):
                 if tok in self.eos_ids:
@@ -443,6 +456,8 @@ class Engine:
     def _prepare(self, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop):
         _check_positive_int("max_new_tokens", max_new_tokens)
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        if self.verify.lossy and not params.greedy:
+            raise InvalidArgument("temperature", f"verify={self.verify.describe()} is a greedy acceptance rule; use temperature 0")
         if stop is None:
             stop = []
         elif isinstance(stop, str):

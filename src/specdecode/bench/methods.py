@@ -34,22 +34,38 @@ def known_methods() -> list[str]:
     return [*our_methods(), *PEERS]
 
 
+def base_method(name: str) -> str:
+    """``pld@b3`` -> ``pld``: a variant (the same method with other options) runs as its base."""
+    return name.partition("@")[0]
+
+
 @dataclass(frozen=True)
 class MethodSpec:
-    name: str
+    name: str  # a method, or a variant of one: ``method@label``
     options: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def base(self) -> str:
+        return base_method(self.name)
+
+    @property
     def is_peer(self) -> bool:
-        return self.name in PEERS
+        return self.base in PEERS
 
     @property
     def needs_draft_model(self) -> bool:
         if self.is_peer:
-            return self.name == "hf-assisted"
+            return self.base == "hf-assisted"
         from ..drafters import DraftModelDrafter
 
-        return issubclass(our_methods()[self.name], DraftModelDrafter)
+        return issubclass(our_methods()[self.base], DraftModelDrafter)
+
+    @property
+    def lossy(self) -> str | None:
+        """The lossy acceptance rule this method runs with (as options), or None when exact."""
+        if self.options.get("verify") == "specdec" and self.options.get("beta", 3) != 1:
+            return "specdec " + ", ".join(f"{k}={self.options[k]}" for k in ("beta", "tau") if k in self.options)
+        return None
 
 
 def _parse_value(value: str) -> Any:
@@ -66,6 +82,8 @@ def parse_methods(text: str, option_items: list[str] | None = None) -> list[Meth
     """``"vanilla,pld,hf-vanilla"`` and ``["pld.max_ngram=4"]`` -> method specs, in order.
 
     ``ours`` stands for all our registered methods, ``peers`` for the hf-* ones, ``all`` for both.
+    ``method@label`` is a variant of a method, to run it beside itself with other options, e.g.
+    ``pld,pld@b3`` with ``-O pld@b3.verify=specdec -O pld@b3.beta=3``.
     """
     names = []
     for n in (text or "").split(","):
@@ -75,22 +93,25 @@ def parse_methods(text: str, option_items: list[str] | None = None) -> list[Meth
         raise InvalidArgument("methods", "expected at least one method")
     known = known_methods()
     for name in names:
-        if name not in known:
+        if base_method(name) not in known:
             raise InvalidArgument("methods", f"unknown method {name!r}; expected some of {', '.join(known)}")
+        if "@" in name and not name.partition("@")[2].replace("-", "").replace("_", "").isalnum():
+            raise InvalidArgument("methods", f"{name!r}: a variant's label (after @) takes letters, digits, - and _")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise InvalidArgument("methods", f"method {duplicates[0]!r} is listed twice")
-    options: dict[str, dict[str, Any]] = {n: dict(PEER_DEFAULTS.get(n, {})) for n in names}
+    options: dict[str, dict[str, Any]] = {n: dict(PEER_DEFAULTS.get(base_method(n), {})) for n in names}
     for item in option_items or []:
         target, sep, value = item.partition("=")
-        method, dot, key = target.partition(".")
+        method, dot, key = target.rpartition(".")
         if not sep or not dot or not method.strip() or not key.strip():
             raise InvalidArgument("method_option", f"expected method.key=value, got {item!r}")
         method, key = method.strip(), key.strip().replace("-", "_")
         if method not in options:
             raise InvalidArgument("method_option", f"{item!r} is for {method!r}, which is not among --methods")
-        if method in PEERS and key not in PEERS[method]:
-            allowed = ", ".join(PEERS[method]) or "none"
+        peer = base_method(method)
+        if peer in PEERS and key not in PEERS[peer]:
+            allowed = ", ".join(PEERS[peer]) or "none"
             raise InvalidArgument("method_option", f"{method} takes no option {key!r} (options: {allowed})")
         options[method][key] = _parse_value(value)
     return [MethodSpec(n, options[n]) for n in names]

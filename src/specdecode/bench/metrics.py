@@ -19,6 +19,10 @@ That way the column checks that each method is lossless: between two implementat
 precision (bf16) alone can change a greedy token, which says nothing about the method.
 ``exact_match_baseline`` holds the comparison with the baseline for every method.
 
+Lossy methods (SpecDec verification, ``lossy`` in the summary) are not expected to match;
+for them ``token_agreement`` says how far from exact their answers are: the share of the
+reference's tokens they reproduced before their first difference (per turn, pooled).
+
 Only questions every method answered in a run count, so that all methods are compared on the
 same prompts.
 """
@@ -57,6 +61,30 @@ def _same_tokens(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
     if ta is None or tb is None:
         return None
     return ta == tb
+
+
+def _agreement(a: dict[str, Any], ref: dict[str, Any]) -> tuple[int, int] | None:
+    """(tokens of ``ref`` that ``a`` reproduced before their first difference, tokens of ``ref``)."""
+    ta, tr = a["choices"][0].get("token_ids"), ref["choices"][0].get("token_ids")
+    if ta is None or tr is None:
+        return None
+    same = total = 0
+    for x, y in zip(ta, tr):
+        n = 0
+        while n < min(len(x), len(y)) and x[n] == y[n]:
+            n += 1
+        same += n
+        total += len(y)
+    return same, total
+
+
+def lossy_rule(records: list[dict[str, Any]]) -> str | None:
+    """The lossy acceptance rule the records were made with (from their options), or None."""
+    for r in records:
+        options = (r.get("config") or {}).get("options") or {}
+        if options.get("verify") == "specdec" and options.get("beta", 3) != 1:
+            return "specdec " + ", ".join(f"{k}={options[k]}" for k in ("beta", "tau") if k in options)
+    return None
 
 
 def exact_reference(method: str, methods: list[str], baseline: str) -> str:
@@ -99,6 +127,7 @@ def summarize(answers: Answers, baseline: str, methods: list[str] | None = None)
             speeds, speedups, accept, drafted, accepted = [], [], [], 0, 0
             matches: list[bool] = []
             base_matches: list[bool] = []
+            agree = [0, 0]
             questions = 0
             sampled = False
             for by_method in per_run.values():
@@ -122,6 +151,10 @@ def summarize(answers: Answers, baseline: str, methods: list[str] | None = None)
                         same = _same_tokens(r, ref[r["question_id"]])
                         if same is not None:
                             found.append(same)
+                    pair = _agreement(r, by_method[reference][r["question_id"]])
+                    if pair is not None:
+                        agree[0] += pair[0]
+                        agree[1] += pair[1]
             if not questions:
                 continue
             results[m][subtask] = {
@@ -135,6 +168,7 @@ def summarize(answers: Answers, baseline: str, methods: list[str] | None = None)
                 "exact_match": None if sampled or not matches else sum(matches) / len(matches),
                 "exact_match_reference": reference,
                 "exact_match_baseline": None if sampled or not base_matches else sum(base_matches) / len(base_matches),
+                "token_agreement": None if sampled or not agree[1] else agree[0] / agree[1],
             }
     peak = {}
     for m in methods:
@@ -152,6 +186,10 @@ def summarize(answers: Answers, baseline: str, methods: list[str] | None = None)
         "incomplete_questions": incomplete,
         "results": results,
         "peak_memory_bytes": peak,
+        "lossy": {
+            m: rule for m in methods
+            if (rule := lossy_rule([r for by_method in answers.values() for r in by_method.get(m, [])]))
+        },  # fmt: skip
     }
 
 

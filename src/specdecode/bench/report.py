@@ -64,19 +64,23 @@ HEADERS = ("subtask", "method", "speedup", "tokens/s", "mean accepted", "accept 
 def table_rows(summary: dict[str, Any]) -> list[list[list[str]]]:
     """Rows grouped by subtask: [[subtask, method, speedup, tok/s, MAT, accept rate, exact], ...]."""
     groups = []
+    lossy = summary.get("lossy") or {}
     for subtask in summary["subtasks"]:
         rows = []
         for method in summary["methods"]:
             c = summary["results"][method].get(subtask)
             if not c:
                 continue
+            exact = _pct(c["exact_match"]) + ("" if c["exact_match"] is None else f" vs {c['exact_match_reference']}")
+            if method in lossy and c.get("token_agreement") is not None:
+                exact += f", {_pct(c['token_agreement'])} of tokens"
             rows.append([
-                subtask if not rows else "", method,
+                subtask if not rows else "", method + (" (LOSSY)" if method in lossy else ""),
                 _num(c["speedup"], ".2f", c["speedup_std"], "x"),
                 _num(c["tokens_per_second"], ".1f", c["tokens_per_second_std"]),
                 _num(c["mean_accepted_tokens"], ".2f"),
                 _pct(c["acceptance_rate"]),
-                _pct(c["exact_match"]) + ("" if c["exact_match"] is None else f" vs {c['exact_match_reference']}"),
+                exact,
             ])  # fmt: skip
         if rows:
             groups.append(rows)
@@ -122,6 +126,11 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     ]
     if meta.get("options"):
         lines.append("- Method options: " + "; ".join(f"`{m}` {o}" for m, o in meta["options"].items() if o) + ".")
+    for m, rule in (summary.get("lossy") or {}).items():
+        lines.append(
+            f"- **`{m}` is LOSSY** ({rule}): its answers may differ from plain decoding; the exact-match "
+            "column gives the share of identical answers and of tokens reproduced before the first difference."
+        )
     if summary["incomplete_questions"]:
         lines.append(f"- {summary['incomplete_questions']} answer(s) left out: not every method answered them.")
     if meta.get("skipped"):

@@ -153,7 +153,7 @@ class BenchWorker:
                 if spec.needs_draft_model:
                     options["draft_model"] = config.draft_model
                     options["draft_quant"] = config.draft_quant
-                self.runners[spec.name] = OurMethod(self.engine.with_method(spec.name, progress=progress, **options))
+                self.runners[spec.name] = OurMethod(self.engine.with_method(spec.base, progress=progress, **options))
         self.specs = {s.name: s for s in config.methods}
 
     def _peer(self, spec: MethodSpec, progress: bool) -> HFPeer:
@@ -166,7 +166,7 @@ class BenchWorker:
                 self.engine.model_path, target.dtype, target.device, progress
             )  # fmt: skip
         assistant = None
-        if spec.name == "hf-assisted":
+        if spec.base == "hf-assisted":
             draft_path = resolve_model(str(self.config.draft_model), progress=progress)
             assistant = load_hf_model(draft_path, target.dtype, target.device, progress)
         return HFPeer(
@@ -203,6 +203,9 @@ class BenchWorker:
         for _ in range(self.config.warmup):
             for runner in self.runners.values():
                 runner.run_turn(ids, min(self.config.max_new_tokens, 32), self.config.temperature, self.config.seed)
+        for runner in self.runners.values():  # memory across requests starts cold on the timed ones
+            if isinstance(runner, OurMethod):
+                runner.engine.drafter.forget()
         self._sync()
 
     def answer(self, question: Question, method: str) -> dict[str, Any]:

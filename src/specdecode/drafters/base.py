@@ -35,8 +35,19 @@ class Drafter:
         """Propose at most ``max_tokens`` nodes to follow ``tokens`` (the whole sequence so far)."""
         raise NotImplementedError
 
+    def observe(self, root: int, draft: Draft, logits: torch.Tensor) -> None:
+        """The verification forward's logits, a free by-product: row 0 is the target's prediction
+        after ``root`` (the last token before the draft), row i + 1 after node i of ``draft``
+        (given its ancestors). Called every step, before ``update``; drafters that learn from
+        the target's distributions (token recycling, lookahead's Jacobi window) override it."""
+
     def update(self, tokens: list[int], num_accepted: int, draft: Draft) -> None:
         """The verdict: ``num_accepted`` nodes of ``draft`` were kept; ``tokens`` is the new sequence."""
+
+    def forget(self) -> None:
+        """Drop the text remembered from earlier requests (a benchmark calls it after warming
+        up, so that a method's memory starts cold on the timed questions). What a drafter
+        learned about itself (how far to trust its estimates) may stay."""
 
     def stats(self) -> dict:
         """Method-specific statistics for the last request (merged into the result's stats)."""

@@ -37,6 +37,14 @@ class HybridDrafter(Drafter):
             self._from_second += 1
         return draft
 
+    def observe(self, root, draft, logits) -> None:
+        self.first.observe(root, draft, logits)  # free by-products: both may learn from them
+        self.second.observe(root, draft, logits)
+
+    def forget(self) -> None:
+        self.first.forget()
+        self.second.forget()
+
     def update(self, tokens, num_accepted, draft) -> None:
         if self._source is not None:
             self._source.update(tokens, num_accepted, draft)

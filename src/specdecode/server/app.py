@@ -295,7 +295,7 @@ def create_app(
 
     def model_card() -> dict[str, Any]:
         return {"id": state.model_name, "object": "model", "created": state.started, "owned_by": "specdecode",
-                "method": engine.method}  # fmt: skip
+                "method": engine.method, "verify": engine.verify.describe(), "lossy": engine.verify.lossy}  # fmt: skip
 
     @v1.get("/models")
     async def list_models():
@@ -329,6 +329,7 @@ def create_app(
     async def health():
         w = state.worker
         body = {"status": "ok" if w.alive else "unavailable", "model": state.model_name, "method": engine.method,
+                "verify": engine.verify.describe(), "lossy": engine.verify.lossy,
                 "queue_length": w.queue_length, "running": int(w.busy)}  # fmt: skip
         return JSONResponse(body, status_code=200 if w.alive else 503)
 

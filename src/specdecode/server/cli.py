@@ -9,7 +9,7 @@ import typer
 
 from ..cli import (  # the options shared with `generate`
     ADAPTIVE_OPTION, BACKEND_OPTION, DEVICE_OPTION, DRAFT_LENGTH_OPTION, DRAFT_MODEL_OPTION, DTYPE_OPTION,
-    DRAFT_QUANT_OPTION, METHOD_OPTION, METHOD_OPTIONS_OPTION, MODEL_OPTION, QUANTIZE_OPTION,
+    DRAFT_QUANT_OPTION, METHOD_OPTION, METHOD_OPTIONS_OPTION, MODEL_OPTION, QUANTIZE_OPTION, VERIFY_OPTION,
 )  # fmt: skip
 
 
@@ -25,6 +25,7 @@ def serve(
     device: str = DEVICE_OPTION,
     quantize: Optional[str] = QUANTIZE_OPTION,
     draft_quant: Optional[str] = DRAFT_QUANT_OPTION,
+    verify: str = VERIFY_OPTION,
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 exposes the server to the network)."),
     port: int = typer.Option(8000, help="Port to listen on."),
     api_key: Optional[str] = typer.Option(
@@ -56,7 +57,7 @@ def serve(
         engine = Engine.from_pretrained(
             model, method, draft_model=draft_model, backend=backend, dtype=dtype, device=device,
             draft_length=draft_length, adaptive=adaptive, quantize=quantize, draft_quant=draft_quant,
-            **method_options(option),
+            verify=verify, **method_options(option),
         )  # fmt: skip
         # Clients may name the model as it was given on the command line, too.
         aliases = tuple({model, os.path.basename(os.path.normpath(model))} - {served_model_name})
@@ -69,6 +70,7 @@ def serve(
     name = served_model_name or engine.model_name
     typer.secho(
         f"serving {name!r} with method {method!r} on http://{host}:{port}/v1"
+        + (f" -- LOSSY verification {engine.verify.describe()}" if engine.verify.lossy else "")
         + (" (API key required)" if api_key else ""),
         err=True, fg=typer.colors.CYAN,
     )  # fmt: skip

@@ -195,6 +195,8 @@ def speculative(method: str, result: GenerationResult, queue_time: float) -> dic
     s = result.stats
     return {
         "method": method,
+        "verify": s.verify,
+        "lossy": s.lossy,  # True: not token for token what plain decoding would have produced
         "target_forwards": s.target_forwards,
         "mean_accepted_tokens": round(s.mean_accepted_tokens, 4),
         "acceptance_rate": round(s.acceptance_rate, 4),
