@@ -78,7 +78,8 @@ def test_greedy_methods_match_the_baseline_exactly(full_run):
     # the draft is the target itself: every drafted token is accepted
     assert overall["sps"]["overall"]["acceptance_rate"] == 1.0
     assert overall["hf-assisted"]["overall"]["acceptance_rate"] == 1.0
-    assert overall["sps"]["overall"]["mean_accepted_tokens"] > 2
+    # (a draft model as costly as the target rarely pays, so payoff sizing drafts little; it drafts)
+    assert overall["sps"]["overall"]["mean_accepted_tokens"] > 1
     assert all(v > 0 for v in summary["peak_memory_bytes"].values())
 
 
