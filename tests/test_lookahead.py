@@ -4,6 +4,8 @@ prediction depends on the last two tokens only, so a wrong ancestry shows)."""
 
 from __future__ import annotations
 
+import pytest
+
 import torch
 
 from specdecode import Engine, SamplingParams
@@ -11,6 +13,13 @@ from specdecode.drafters import LookaheadDrafter
 
 from .markov_backend import CharTokenizer, MarkovBackend
 
+
+
+@pytest.fixture(autouse=True)
+def _grow_shrink_sizing(monkeypatch):
+    """These tests assert that drafts are proposed and accepted: size them by the deterministic
+    grow/shrink rule, not by payoff (whose timings are noise on a shared test machine)."""
+    monkeypatch.setenv("SPECDECODE_SIZING", "adaptive")
 
 def test_window_geometry_and_collected_ngrams():
     backend = MarkovBackend(16, seed=5, scale=3.0)

@@ -19,6 +19,13 @@ from .test_lossless_greedy import STORY_PROMPTS, encode, hf_greedy
 METHODS = ("suffix", "recycle", "suffix+recycle", "lookahead", "rest")
 
 
+
+@pytest.fixture(autouse=True)
+def _grow_shrink_sizing(monkeypatch):
+    """These tests assert that drafts are proposed and accepted: size them by the deterministic
+    grow/shrink rule, not by payoff (whose timings are noise on a shared test machine)."""
+    monkeypatch.setenv("SPECDECODE_SIZING", "adaptive")
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models: with two threads, every small op wakes a thread pool, which on a busy

@@ -25,6 +25,13 @@ DRAWS = 10_000
 PROMPT = [3, 4, 5, 6, 3, 4, 5, 6, 3, 4]
 
 
+
+@pytest.fixture(autouse=True)
+def _grow_shrink_sizing(monkeypatch):
+    """These tests assert that drafts are proposed and accepted: size them by the deterministic
+    grow/shrink rule, not by payoff (whose timings are noise on a shared test machine)."""
+    monkeypatch.setenv("SPECDECODE_SIZING", "adaptive")
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tensors of 8 numbers: waking a thread pool per op (torch does for some, e.g. tril) costs

@@ -12,6 +12,13 @@ from specdecode.drafters.suffix_store import SuffixStore
 from specdecode.sampling import SamplingParams
 
 
+
+@pytest.fixture(autouse=True)
+def _grow_shrink_sizing(monkeypatch):
+    """These tests assert that drafts are proposed and accepted: size them by the deterministic
+    grow/shrink rule, not by payoff (whose timings are noise on a shared test machine)."""
+    monkeypatch.setenv("SPECDECODE_SIZING", "adaptive")
+
 def occurs(needle: list[int], docs: list[list[int]]) -> int:
     """Occurrences of ``needle`` in the documents (brute force)."""
     n = len(needle)

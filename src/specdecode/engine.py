@@ -11,6 +11,7 @@ sampling (``draft.verify_sampling``).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -181,6 +182,8 @@ class Engine:
             sizing = "adaptive" if adaptive else "fixed"
         if sizing is None and draft_length is not None:  # a length asked for is a length kept
             sizing = "fixed"
+        if sizing is None:  # a deployment's (or a test module's) default; else payoff
+            sizing = os.environ.get("SPECDECODE_SIZING") or None
         if isinstance(drafter, VanillaDrafter):
             sizing = "fixed"  # nothing to size
         self.sizing = make_sizing(sizing, k, max(max_draft_length, k), lambda: CostModel.for_target(target))
