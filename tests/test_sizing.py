@@ -93,9 +93,10 @@ def test_cost_model_interpolates_and_learns():
     assert model.forward(8, 0) == pytest.approx(0.030, rel=0.01)
 
 
-def test_cost_cache_is_keyed_and_remeasured_when_stale(stories_path, monkeypatch):
+def test_cost_cache_is_keyed_and_remeasured_when_stale(stories_path, monkeypatch, tmp_path):
     from specdecode import costmodel
 
+    monkeypatch.setenv("SPECDECODE_CACHE", str(tmp_path))  # not the run's cache, which others filled
     engine = Engine.from_pretrained(stories_path, "vanilla", progress=False)
     calls = []
     real = CostModel.measure.__func__

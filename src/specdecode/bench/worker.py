@@ -97,8 +97,23 @@ class Memory:
         self.device = device
         self.per_turn = self.cuda or self._reset_hwm()
 
+    @classmethod
+    def _reset_hwm(cls) -> bool:
+        """Reset the kernel's peak-RSS mark, and say whether that really works here: some
+        kernels and sandboxes accept the write and keep the old peak, so a 32 MiB spike is
+        touched, freed, and the mark must come down after the reset."""
+        if not cls._write_reset():
+            return False
+        spike = torch.ones(32 << 20, dtype=torch.uint8)  # touched: resident
+        del spike
+        before = cls._status_bytes("VmHWM:")
+        if not cls._write_reset():
+            return False
+        after = cls._status_bytes("VmHWM:")
+        return before is not None and after is not None and before - after > 16 << 20
+
     @staticmethod
-    def _reset_hwm() -> bool:
+    def _write_reset() -> bool:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # "5": reset the peak RSS (Linux >= 4.0)
@@ -106,22 +121,29 @@ class Memory:
         except OSError:
             return False
 
+    @staticmethod
+    def _status_bytes(field: str) -> int | None:
+        try:
+            for line in open("/proc/self/status"):
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024  # kB
+        except OSError:
+            pass
+        return None
+
     def start(self) -> None:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.per_turn:
-            self._reset_hwm()
+            self._write_reset()
 
     def peak(self) -> int:
         if self.cuda:
             return int(torch.cuda.max_memory_allocated(self.device))
         if self.per_turn:
-            try:
-                for line in open("/proc/self/status"):
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024  # kB
-            except OSError:
-                pass
+            hwm = self._status_bytes("VmHWM:")
+            if hwm is not None:
+                return hwm
         import resource
 
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
