@@ -43,7 +43,7 @@ def method_options(options: list[str] | None) -> dict:
 MODEL_OPTION = typer.Option("smollm2-135m", "--model", "-m", help="Model folder or known name.")
 METHOD_OPTION = typer.Option(
     "vanilla", help="Decoding method: vanilla, sps, pld, swift, quant, suffix, recycle, suffix+recycle, lookahead, "
-    "rest; A+B: B where A has no draft (pld+quant).",
+    "rest; A+B: B where A has no draft (pld+quant); auto: per request, the fastest so far of -o arms=...",
 )
 DRAFT_MODEL_OPTION = typer.Option(None, help="Draft model for --method sps.")
 DRAFT_LENGTH_OPTION = typer.Option(None, help="Tokens drafted per step (method default if unset).")

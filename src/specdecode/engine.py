@@ -140,7 +140,15 @@ def _components(method: str) -> list[str]:
     return parts
 
 
+def method_components(method: str) -> list[str]:
+    """The registered methods ``method`` is made of: itself, the two of a hybrid ``A+B``, or
+    none for ``auto`` (which chooses among others). Raises InvalidArgument for an unknown name."""
+    return [] if method == "auto" else _components(method)
+
+
 def _check_method(method: str, draft_model) -> None:
+    if method == "auto":  # its arms are checked when they are built
+        return
     parts = _components(method)
     if "sps" in parts and draft_model is None:
         raise InvalidArgument("draft_model", f"method {method!r} needs a draft model (same tokenizer as the target)")
@@ -249,12 +257,16 @@ class Engine:
         progress: bool = True,
         draft_quant: str | QuantConfig | None = None,
         verify: str = "exact",
+        _shared: dict[str, Drafter] | None = None,
         **method_options: Any,
     ) -> "Engine":
         """A new engine for ``method`` that shares this one's target model (no second copy of
         the weights). Engines sharing a target must not generate at the same time.
         ``draft_quant`` ("int4", "int4-g128", "int8"): the sps draft model's linears quantized."""
         _check_method(method, draft_model)
+        if method == "auto":
+            return self._auto(draft_model=draft_model, sizing=sizing, progress=progress, draft_quant=draft_quant,
+                              verify=verify, **method_options)  # fmt: skip
         parts = _components(method)
         if len(parts) > 1 and method_options:
             raise InvalidArgument("method_options", f"hybrid {method!r}: options go to its methods one at a time; "
@@ -265,7 +277,11 @@ class Engine:
         if draft_quant is not None and "sps" not in parts:
             raise InvalidArgument("draft_quant", f"only method 'sps' has a draft model to quantize, not {method!r}")
 
+        built = {} if _shared is None else _shared  # auto's arms share drafters (one quantized copy)
+
         def build(name: str) -> Drafter:
+            if name in built:
+                return built[name]
             if name == "sps":
                 draft_q = None if draft_quant is None else QuantConfig.parse(draft_quant, "draft_quant")
                 draft_path = resolve_model(str(draft_model), progress=progress)
@@ -281,6 +297,7 @@ class Engine:
             drafters = [build(name) for name in parts]
         except TypeError as e:  # an option the method does not take
             raise InvalidArgument("method_options", f"method {method!r}: {e}") from None
+        built.update(zip(parts, drafters))
         drafter: Drafter = drafters[0] if len(drafters) == 1 else HybridDrafter(*drafters)
         engine = Engine(
             self.target, self.tokenizer, drafter, draft_length=draft_length, adaptive=adaptive, sizing=sizing,
@@ -288,6 +305,35 @@ class Engine:
         )  # fmt: skip
         engine.model_path, engine.backend_name = self.model_path, self.backend_name
         return engine
+
+    def _auto(self, *, draft_model, sizing, progress, draft_quant, verify, arms=None, window: int = 6,
+              explore_every: int = 8, **others) -> "Engine":
+        """``auto``: an engine that runs each request on the arm that has decoded fastest (auto.py)."""
+        from .auto import AutoEngine, ArmChooser, parse_arms
+
+        if others:
+            raise InvalidArgument("method_options", f"auto takes arms, window and explore_every, not {', '.join(others)}")
+        explicit = arms is not None
+        names = parse_arms(arms, draft_model is not None)
+        if not explicit and not (hasattr(self.target, "layers") and self.target.supports_skip):
+            names = [n for n in names if "quant" not in _components(n)] or ["pld"]  # quant: native backend only
+        for name in names:
+            parts = _components(name)
+            if "sps" in parts and draft_model is None:
+                raise InvalidArgument("draft_model", f"auto's arm {name!r} needs a draft model")
+        if draft_model is not None and not any("sps" in _components(n) for n in names):
+            raise InvalidArgument("draft_model", f"none of auto's arms ({', '.join(names)}) uses a draft model")
+        chooser = ArmChooser(names, window=window, explore_every=explore_every)
+        shared: dict[str, Drafter] = {}
+
+        def arm(name: str) -> Engine:
+            sps = "sps" in _components(name)
+            return self.with_method(
+                name, draft_model=draft_model if sps else None, sizing=sizing, progress=progress,
+                draft_quant=draft_quant if sps else None, verify=verify, _shared=shared,
+            )  # fmt: skip
+
+        return AutoEngine(self, {name: arm(name) for name in names}, chooser)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

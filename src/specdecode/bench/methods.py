@@ -34,6 +34,19 @@ def known_methods() -> list[str]:
     return [*our_methods(), *PEERS]
 
 
+def is_known(name: str) -> bool:
+    """A registered method, a hybrid ``A+B`` of two, ``auto``, or a peer."""
+    from ..engine import method_components
+
+    if name in PEERS:
+        return True
+    try:
+        method_components(name)
+    except InvalidArgument:
+        return False
+    return True
+
+
 def base_method(name: str) -> str:
     """``pld@b3`` -> ``pld``: a variant (the same method with other options) runs as its base."""
     return name.partition("@")[0]
@@ -56,9 +69,11 @@ class MethodSpec:
     def needs_draft_model(self) -> bool:
         if self.is_peer:
             return self.base == "hf-assisted"
-        from ..drafters import DraftModelDrafter
+        from ..engine import method_components
 
-        return issubclass(our_methods()[self.base], DraftModelDrafter)
+        if self.base == "auto":  # its arms name sps when they need the draft model
+            return "sps" in str(self.options.get("arms", ""))
+        return "sps" in method_components(self.base)
 
     @property
     def lossy(self) -> str | None:
@@ -93,8 +108,9 @@ def parse_methods(text: str, option_items: list[str] | None = None) -> list[Meth
         raise InvalidArgument("methods", "expected at least one method")
     known = known_methods()
     for name in names:
-        if base_method(name) not in known:
-            raise InvalidArgument("methods", f"unknown method {name!r}; expected some of {', '.join(known)}")
+        if not is_known(base_method(name)):
+            raise InvalidArgument("methods", f"unknown method {name!r}; expected some of {', '.join(known)}, auto, "
+                                  "or two of ours joined by '+' (e.g. pld+quant)")  # fmt: skip
         if "@" in name and not name.partition("@")[2].replace("-", "").replace("_", "").isalnum():
             raise InvalidArgument("methods", f"{name!r}: a variant's label (after @) takes letters, digits, - and _")
     duplicates = sorted({n for n in names if names.count(n) > 1})
