@@ -244,3 +244,15 @@ def test_report_errors(tmp_path):
     hand_made(tmp_path)
     with pytest.raises(InvalidArgument, match="'nope' has no answers"):
         build_report(tmp_path, baseline="nope", plots=False)
+
+
+def test_decode_speed_leaves_out_each_turns_prompt_and_first_step():
+    from specdecode.bench.metrics import decode_speed
+
+    t1 = {**turn(10, 2.0, [3, 1, 2, 4]), "first_token_time": 1.0}  # 7 tokens after the first step, in 1.0 s
+    t2 = {**turn(6, 1.5, [2, 2, 2]), "first_token_time": 0.5}  # 4 tokens in 1.0 s
+    assert decode_speed(record(Q1, "fast", [t1, t2])) == pytest.approx(11 / 2.0)
+    assert decode_speed(record(Q2, "fast", [turn(5, 1.0, [1] * 5)])) is None  # no first-token time recorded
+    answers = {1: {"base": [record(Q1, "base", [t1, t2])]}}
+    s = summarize(answers, "base")
+    assert s["results"]["base"]["overall"]["decode_tokens_per_second"] == pytest.approx(5.5)

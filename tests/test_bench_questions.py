@@ -56,6 +56,11 @@ def test_select_subsets(tmp_path):
     assert [q.question_id for q in select(qs, list(SUBTASKS), 0)] == [1, 2, 3, 4, 5, 6]
     with pytest.raises(InvalidArgument, match="no questions in rag"):
         select(qs, ["rag"], 1)
+    assert [q.question_id for q in select(qs, ["qa", "mt_bench"], 1, offset=1)] == [3, 5]  # held out
+    with pytest.raises(InvalidArgument, match="no questions in qa after the first 3 of each"):
+        select(qs, ["qa"], 1, offset=3)
+    with pytest.raises(InvalidArgument, match="offset"):
+        select(qs, ["qa"], 1, offset=-1)
 
 
 def test_parse_subtasks():

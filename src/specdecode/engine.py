@@ -60,6 +60,7 @@ class GenerationStats:
     accepted_draft_tokens: int = 0
     plain_steps: int = 0  # steps that verified no draft (one token, as plain decoding)
     prefill_time: float = 0.0
+    first_token_time: float = 0.0  # from the start until the first decoding step's tokens
     draft_time: float = 0.0
     verify_time: float = 0.0
     total_time: float = 0.0
@@ -80,12 +81,21 @@ class GenerationStats:
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.total_time if self.total_time > 0 else 0.0
 
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens after the first step per second after it: decoding speed, prompt excluded
+        (as llama.cpp reports it)."""
+        rest = self.new_tokens - (self.accept_lengths[0] if self.accept_lengths else 0)
+        seconds = self.total_time - self.first_token_time
+        return rest / seconds if rest > 0 and seconds > 0 else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(
             mean_accepted_tokens=self.mean_accepted_tokens,
             acceptance_rate=self.acceptance_rate,
             tokens_per_second=self.tokens_per_second,
+            decode_tokens_per_second=self.decode_tokens_per_second,
         )
         return d
 
@@ -473,6 +483,8 @@ class Engine:
         hit = None
         t0 = time.perf_counter()
         for new in self._steps(prompt_ids, max_new_tokens, params, stats):
+            if not stats.first_token_time:
+                stats.first_token_time = time.perf_counter() - t0
             before = len(detok.ids)
             detok.add(new)
             if detok.ids[-1] in self.eos_ids:

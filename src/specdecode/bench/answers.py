@@ -8,8 +8,9 @@ Each line holds what Spec-Bench's ``evaluation/speed.py`` reads::
                   "accept_lengths": [tokens emitted by each decoding step, all turns]}]}
 
 plus fields of our own that its scripts ignore: in the choice ``token_ids`` (per turn, for the
-exact-match check), ``drafted_tokens``, ``accepted_draft_tokens`` and ``peak_memory`` (bytes,
-per turn); at the top ``method`` and ``config`` (model and settings), which let an interrupted
+exact-match check), ``drafted_tokens``, ``accepted_draft_tokens``, ``peak_memory`` (bytes,
+per turn) and ``first_token_time`` (seconds until the first decoding step's tokens, per turn:
+what decode speed, prompt excluded, is measured after); at the top ``method`` and ``config`` (model and settings), which let an interrupted
 run resume only into a file written with the same settings.
 
 Layout under the output folder: ``answers/run-<r>/<method>.jsonl``; Ray workers write
@@ -50,6 +51,7 @@ def make_record(question, method: str, model: str, config: dict[str, Any], turns
     choice["accept_lengths"] = [n for t in turns for n in t["accept_lengths"]]
     for key in ("token_ids", "drafted_tokens", "accepted_draft_tokens", "peak_memory"):
         choice[key] = [t[key] for t in turns]
+    choice["first_token_time"] = [t.get("first_token_time") for t in turns]
     return {
         "question_id": question.question_id,
         "category": question.category,

@@ -25,6 +25,7 @@ def bench(
         "all", help="Comma-separated subtasks: mt_bench, translation, summarization, qa, math_reasoning, rag."
     ),
     per_subtask: int = typer.Option(1, help="Questions per subtask (0 = all)."),
+    offset: int = typer.Option(0, help="Skip the first N questions of each subtask (held-out questions)."),
     max_new_tokens: int = typer.Option(64, help="Most new tokens per turn."),
     methods: str = typer.Option(
         DEFAULT_METHODS, help="Comma-separated methods: ours (vanilla, sps, pld, ...) and the peers hf-vanilla, hf-pld, "
@@ -64,7 +65,7 @@ def bench(
 
     try:
         specs = parse_methods(methods, method_option)
-        chosen = select(load_questions(questions or default_questions_path()), parse_subtasks(subtasks), per_subtask)
+        chosen = select(load_questions(questions or default_questions_path()), parse_subtasks(subtasks), per_subtask, offset)
         if threads is not None and threads < 1:
             fail(f"--threads: expected a positive integer, got {threads}")
         config = BenchConfig(

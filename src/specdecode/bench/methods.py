@@ -150,6 +150,7 @@ class TurnOutput:
     accept_lengths: list[int]  # tokens emitted per decoding step
     drafted_tokens: int | None = None  # None: the method does not report it
     accepted_draft_tokens: int | None = None
+    first_token_seconds: float | None = None  # until the first step's tokens (prompt included)
 
 
 class OurMethod:
@@ -162,5 +163,6 @@ class OurMethod:
         result = self.engine.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         s = result.stats
         return TurnOutput(
-            list(result.token_ids), s.target_forwards, list(s.accept_lengths), s.drafted_tokens, s.accepted_draft_tokens
+            list(result.token_ids), s.target_forwards, list(s.accept_lengths), s.drafted_tokens, s.accepted_draft_tokens,
+            s.first_token_time,
         )

@@ -44,6 +44,21 @@ def question_speed(record: dict[str, Any]) -> float:
     return sum(choice["new_tokens"]) / seconds if seconds > 0 else 0.0
 
 
+def decode_speed(record: dict[str, Any]) -> float | None:
+    """Tokens per second after each turn's first decoding step (prompt excluded, as llama.cpp
+    reports decoding); None for records without first-token times."""
+    choice = record["choices"][0]
+    firsts = choice.get("first_token_time") or []
+    if len(firsts) != len(choice["wall_time"]) or any(f is None for f in firsts):
+        return None
+    accept, tokens, seconds, i = choice["accept_lengths"], 0, 0.0, 0
+    for steps, new, wall, first in zip(choice["decoding_steps"], choice["new_tokens"], choice["wall_time"], firsts):
+        tokens += new - (accept[i] if steps and i < len(accept) else 0)
+        seconds += wall - first
+        i += steps
+    return tokens / seconds if tokens > 0 and seconds > 0 else None
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -125,6 +140,7 @@ def summarize(answers: Answers, baseline: str, methods: list[str] | None = None)
         for m in methods:
             reference = exact_reference(m, methods, baseline)
             speeds, speedups, accept, drafted, accepted = [], [], [], 0, 0
+            decode_speeds: list[float] = []
             matches: list[bool] = []
             base_matches: list[bool] = []
             agree = [0, 0]
@@ -142,6 +158,9 @@ def summarize(answers: Answers, baseline: str, methods: list[str] | None = None)
                 speeds.append(speed)
                 if base_speed:
                     speedups.append(speed / base_speed)
+                decode = [decode_speed(r) for r in mine]
+                if all(d is not None for d in decode):
+                    decode_speeds.append(_mean(decode))
                 for r in mine:
                     choice = r["choices"][0]
                     accept.extend(choice["accept_lengths"])
@@ -161,6 +180,7 @@ def summarize(answers: Answers, baseline: str, methods: list[str] | None = None)
                 "questions": questions,
                 "tokens_per_second": _mean(speeds),
                 "tokens_per_second_std": _std(speeds),
+                "decode_tokens_per_second": _mean(decode_speeds),
                 "speedup": _mean(speedups),
                 "speedup_std": _std(speedups),
                 "mean_accepted_tokens": _mean(accept),

@@ -11,6 +11,8 @@ hf-vanilla this gives one token per step and no drafts, as it should.
 
 from __future__ import annotations
 
+import time
+
 from contextlib import contextmanager
 
 import torch
@@ -53,8 +55,10 @@ class _StepRecorder:
 
     def __init__(self):
         self.calls: list[tuple[int, int]] = []
+        self.times: list[float] = []  # when each forward started
 
     def __call__(self, module, args, kwargs):
+        self.times.append(time.perf_counter())
         ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
         cached = int(cache.get_seq_length()) if cache is not None else 0
@@ -97,6 +101,7 @@ class HFPeer:
             torch.manual_seed(seed)
         recorder = _StepRecorder()
         handle = self.model.register_forward_pre_hook(recorder, with_kwargs=True)
+        start = time.perf_counter()
         try:
             with _quiet_transformers():
                 out = self.model.generate(
@@ -107,4 +112,6 @@ class HFPeer:
         new = out[0, len(prompt_ids) :].tolist()
         accept, drafted = recorder.steps(len(prompt_ids), len(new))
         accepted = sum(accept) - len(accept)  # every step emits one token of the target's own
-        return TurnOutput(new, len(accept), accept, drafted, accepted)
+        # The prefill forward emits the first token; the second forward starts once it is out.
+        first = recorder.times[1] - start if len(recorder.times) > 1 else None
+        return TurnOutput(new, len(accept), accept, drafted, accepted, first)

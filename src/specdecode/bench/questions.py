@@ -95,14 +95,17 @@ def parse_subtasks(text: str | None) -> list[str]:
     return sorted(set(names), key=SUBTASKS.index)
 
 
-def select(questions: list[Question], subtasks: list[str], per_subtask: int | None) -> list[Question]:
-    """The first ``per_subtask`` questions of each chosen subtask (all when None or 0), in file order.
+def select(questions: list[Question], subtasks: list[str], per_subtask: int | None, offset: int = 0) -> list[Question]:
+    """``per_subtask`` questions of each chosen subtask (all when None or 0), in file order,
+    after skipping the first ``offset`` of each (to measure on questions not used before).
 
     MT-bench's share is taken round-robin over its categories so that a small subset still mixes
     writing, coding, math, ... rather than being all ``writing``.
     """
     if per_subtask is not None and (isinstance(per_subtask, bool) or per_subtask < 0):
         raise InvalidArgument("per_subtask", f"expected an integer >= 0 (0 = all), got {per_subtask!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise InvalidArgument("offset", f"expected an integer >= 0, got {offset!r}")
     chosen: set[int] = set()
     for subtask in subtasks:
         members = [q for q in questions if q.subtask == subtask]
@@ -112,10 +115,12 @@ def select(questions: list[Question], subtasks: list[str], per_subtask: int | No
                 by_category.setdefault(q.category, []).append(q)
             rounds = max((len(v) for v in by_category.values()), default=0)
             members = [v[i] for i in range(rounds) for v in by_category.values() if i < len(v)]
+        members = members[offset:]
         if per_subtask:
             members = members[:per_subtask]
         chosen.update(q.question_id for q in members)
     picked = [q for q in questions if q.question_id in chosen]
     if not picked:
-        raise InvalidArgument("subtasks", f"the question file has no questions in {', '.join(subtasks)}")
+        where = f" after the first {offset} of each" if offset else ""
+        raise InvalidArgument("subtasks", f"the question file has no questions in {', '.join(subtasks)}{where}")
     return picked

@@ -58,7 +58,7 @@ def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.0f} MiB"
 
 
-HEADERS = ("subtask", "method", "speedup", "tokens/s", "mean accepted", "accept rate", "exact match")
+HEADERS = ("subtask", "method", "speedup", "tokens/s", "decode tok/s", "mean accepted", "accept rate", "exact match")
 
 
 def table_rows(summary: dict[str, Any]) -> list[list[list[str]]]:
@@ -78,6 +78,7 @@ def table_rows(summary: dict[str, Any]) -> list[list[list[str]]]:
                 subtask if not rows else "", method + (" (LOSSY)" if method in lossy else ""),
                 _num(c["speedup"], ".2f", c["speedup_std"], "x"),
                 _num(c["tokens_per_second"], ".1f", c["tokens_per_second_std"]),
+                _num(c.get("decode_tokens_per_second"), ".1f"),
                 _num(c["mean_accepted_tokens"], ".2f"),
                 _pct(c["acceptance_rate"]),
                 exact,
@@ -124,6 +125,11 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         f"dtype={meta.get('dtype', config.get('dtype'))}, device={meta.get('device', '?')}, threads={meta.get('threads', '?')}.",
         "- Questions per subtask: " + ", ".join(f"{s} {n}" for s, n in summary["questions"].items()) + ".",
     ]
+    if meta.get("cpu"):
+        lines.append(f"- CPU: {meta['cpu']}.")
+    for key in ("cost_curve", "cost_curve_long"):
+        if meta.get(key):
+            lines.append(f"- Target's {meta[key]}.")
     if meta.get("options"):
         lines.append("- Method options: " + "; ".join(f"`{m}` {o}" for m, o in meta["options"].items() if o) + ".")
     for m, rule in (summary.get("lossy") or {}).items():
@@ -154,6 +160,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         f"![accepted lengths]({ACCEPT_PLOT})",
         "",
         "Tokens/s is the mean over questions of sum(new tokens) / sum(wall time) of the question's turns; "
+        "decode tok/s leaves out each turn's prompt and first decoding step (how llama.cpp reports decoding); "
         "speedup divides it by the baseline's on the same questions (Spec-Bench's `evaluation/speed.py`); "
         "± is the standard deviation over runs. Mean accepted is the mean number of tokens emitted per "
         "decoding step; accept rate is accepted / drafted tokens; exact match is the share of questions "

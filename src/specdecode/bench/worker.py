@@ -250,7 +250,7 @@ class BenchWorker:
                 "text": text, "decoding_steps": out.decoding_steps, "new_tokens": len(out.token_ids),
                 "wall_time": wall, "accept_lengths": out.accept_lengths, "token_ids": out.token_ids,
                 "drafted_tokens": out.drafted_tokens, "accepted_draft_tokens": out.accepted_draft_tokens,
-                "peak_memory": self.memory.peak(),
+                "first_token_time": out.first_token_seconds, "peak_memory": self.memory.peak(),
             })  # fmt: skip
         spec = self.specs[method]
         name = model_id(cfg.model_name, method, self.dtype_name, cfg.temperature)
@@ -265,4 +265,13 @@ class BenchWorker:
             return [{**e.record(), "methods": len(methods)}]
 
     def info(self) -> dict[str, Any]:
-        return {"device": str(self.engine.target.device), "dtype": self.dtype_name, "threads": torch.get_num_threads()}
+        """Where the run ran: device, dtype, threads, the CPU, and the target's forward cost
+        curve on it (measured once per machine and cached; what payoff sizing plans with)."""
+        from ..backends.invariance import cpu_model
+        from ..costmodel import CostModel
+
+        cost = CostModel.for_target(self.engine.target, progress=False)
+        return {
+            "device": str(self.engine.target.device), "dtype": self.dtype_name, "threads": torch.get_num_threads(),
+            "cpu": cpu_model(), "cost_curve": cost.describe(128), "cost_curve_long": cost.describe(512),
+        }  # fmt: skip
