@@ -36,7 +36,7 @@ torch.set_num_threads(1)  # the server subprocess gets one thread too: two cores
 
 API_KEY = "test-key"
 CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'bad' %}{{ raise_exception('unknown role: bad') }}{% endif %}"
+    "{% for m in messages %}{% if m['content'] == 'forbidden' %}{{ raise_exception('forbidden content') }}{% endif %}"
     "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
@@ -354,11 +354,11 @@ BAD = [
     ("n-2-chat", CHAT, {**OK_CHAT, "n": 2}, None, 400, "n", "unsupported_value"),
     ("two-prompts", C, {**OK, "prompt": ["a", "b"]}, None, 400, "prompt", "unsupported_value"),
     ("empty-stop", C, {**OK, "stop": [""]}, None, 400, "stop", "invalid_value"),
-    ("template-rejects-messages", CHAT, {**OK_CHAT, "messages": [{"role": "bad", "content": "hi"}]}, None, 400, "messages", "invalid_value"),  # fmt: skip
+    ("template-rejects-messages", CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": "forbidden"}]}, None, 400, "messages", "invalid_value"),  # fmt: skip
     ("seed-too-big", C, {**OK, "seed": 2**70}, None, 400, "seed", "invalid_value"),
     ("seed-not-int", C, {**OK, "seed": 1.5}, None, 422, "seed", "invalid_type"),
     ("logprobs", C, {**OK, "logprobs": 2}, None, 400, "logprobs", "unsupported_value"),
-    ("stream-options-without-stream", C, {**OK, "stream_options": {"include_usage": True}}, None, 400, "stream_options", None),  # fmt: skip
+    ("stream-options-without-stream", C, {**OK, "stream_options": {"include_usage": True}}, None, 400, "stream_options", "invalid_value"),  # fmt: skip
 ]
 
 
@@ -382,6 +382,7 @@ def test_unknown_routes_and_models(server, method, path, status):
     r = httpx.request(method, f"{server}{path}", headers=_auth(), timeout=5)
     assert r.status_code == status
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert r.json()["error"]["code"]
 
 
 def test_bad_requests_leave_answers_intact(client, reference):

@@ -204,7 +204,7 @@ def _parse(model: type[BaseModel], body: bytes):
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
-        raise validation_error(e) from None
+        raise validation_error(e, model, body) from None
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -270,11 +270,12 @@ def create_app(
     async def on_http_error(request: Request, e: StarletteHTTPException):
         message = {404: f"no such endpoint: {request.method} {request.url.path}",
                    405: f"method {request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))  # fmt: skip
-        return _error_response(APIError(e.status_code, message, code="not_found" if e.status_code == 404 else None))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return _error_response(APIError(e.status_code, message, code=code, headers=getattr(e, "headers", None)))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, e: RequestValidationError):
-        return _error_response(APIError(422, str(e)))
+        return _error_response(APIError(422, str(e), code="invalid_type"))
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, e: Exception):

@@ -5,16 +5,22 @@ Requests are validated with pydantic in strict mode, so ``"max_tokens": "10"`` o
 
 * 422: the body is JSON but does not have the request's shape (a field missing, a wrong type);
 * 400: the shape is right but a value cannot be served (out of range, too long for the context,
-  unsupported option such as ``n > 1``), or the body is not JSON at all.
+  unsupported option such as ``n > 1``), a parameter the request does not have (models forbid
+  extra fields, as OpenAI's API does), or the body is not JSON at all.
+
+Every error names a ``code``; ``param`` names the offending top-level field where there is one.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from ..engine import GenerationResult
 
@@ -22,7 +28,9 @@ from ..engine import GenerationResult
 
 
 class APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+
+    ``code`` is required: clients branch on it, so no error goes without one."""
 
     def __init__(
         self,
@@ -31,7 +39,7 @@ class APIError(Exception):
         *,
         type: str = "invalid_request_error",
         param: str | None = None,
-        code: str | None = None,
+        code: str,
         headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
@@ -54,37 +62,106 @@ def _is_shape_error(error_type: str) -> bool:
     return error_type == "missing" or error_type.endswith("_type") or error_type == "union_tag_invalid"
 
 
-def validation_error(e: ValidationError) -> APIError:
+# Parameters of OpenAI's API that this server does not implement: refused as unsupported (not as
+# unknown) when a request sends them.
+UNSUPPORTED_OPENAI_PARAMS = frozenset({
+    "tool_choice", "parallel_tool_calls", "functions", "function_call", "modalities", "audio",
+    "prediction", "reasoning_effort", "web_search_options", "store", "metadata", "service_tier",
+})  # fmt: skip
+_SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_STOP_CHARS = 1024  # characters in one stop string
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr`` of an offending value, cut short: error messages must not echo megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters in all)"
+
+
+def _where(loc: tuple) -> str:
+    # backslashreplace: a key holding a lone surrogate must not make the error itself unencodable
+    return ".".join(str(part) for part in loc).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def validation_error(e: ValidationError, model: type[BaseModel] | None = None, body: bytes | None = None) -> APIError:
+    """The first of pydantic's errors as an APIError naming the field (``model``: the request
+    model, to list the parameters it takes; ``body``: the raw body, to locate bad text in it)."""
     errors = e.errors(include_url=False)
     first = errors[0]
     if first["type"] == "json_invalid":
+        located = _locate_invalid_text(body) if body is not None else None
+        if located is not None:
+            return located
         return APIError(400, f"the request body is not valid JSON: {first['msg']}", code="invalid_json")
     loc = first["loc"]
     param = str(loc[0]) if loc else None
+    if first["type"] == "extra_forbidden":
+        where = _where(loc)
+        if len(loc) == 1 and param in UNSUPPORTED_OPENAI_PARAMS:
+            return APIError(400, f"{where}: not supported by this server", param=param, code="unsupported_value")
+        message = f"{where}: unknown parameter"
+        if len(loc) == 1 and model is not None:
+            message += f"; this endpoint takes {', '.join(model.model_fields)}"
+        return APIError(400, message, param=_where(loc[:1]), code="unknown_parameter")
     status = 422 if _is_shape_error(first["type"]) else 400
     if param in _EXPECTED and first["type"] != "missing":
         message = f"{param}: expected {_EXPECTED[param]}"
     elif param is None:
         message = f"the request body: {first['msg']} (expected a JSON object)"
     else:
-        where = ".".join(str(part) for part in loc)
-        message = f"{where}: {first['msg']}" + (f" (got {first['input']!r})" if first["type"] != "missing" else "")
+        message = f"{_where(loc)}: {first['msg']}" + (f" (got {_short(first['input'])})" if first["type"] != "missing" else "")
     code = "missing_field" if first["type"] == "missing" else "invalid_type" if status == 422 else "invalid_value"
     return APIError(status, message, param=param, code=code)
+
+
+def _locate_invalid_text(body: bytes) -> APIError | None:
+    """JSON that pydantic refuses but Python's parser reads holds a string with a lone surrogate
+    escape (``"\\ud800"``): name the field it is in. None when that is not the trouble."""
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    path = _surrogate_path(value, ())
+    if path is None:
+        return None
+    where = _where(path) or "the request body"
+    param = _where(path[:1]) if path else None
+    return APIError(
+        400, f"{where}: holds a lone surrogate escape (\\ud800-\\udfff), which is not valid Unicode; "
+        "send UTF-8 text or valid surrogate pairs", param=param, code="invalid_value",
+    )  # fmt: skip
+
+
+def _surrogate_path(value: Any, path: tuple) -> tuple | None:
+    stack = [(value, path)]
+    while stack:  # iterative: a deeply nested body must not exhaust the recursion limit
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path
+        elif isinstance(value, dict):
+            for key, item in reversed(list(value.items())):
+                if _SURROGATE.search(key):
+                    return (*path, key)
+                stack.append((item, (*path, key)))
+        elif isinstance(value, list):
+            stack.extend((item, (*path, i)) for i, item in reversed(list(enumerate(value))))
+    return None
 
 
 # ---- requests -------------------------------------------------------------------------------
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
     include_usage: Optional[bool] = None
 
 
 class _Common(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions. None means "the default"."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     model: str
     max_tokens: Optional[int] = Field(None, ge=1)
@@ -99,7 +176,8 @@ class _Common(BaseModel):
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, float]] = None
-    user: Optional[str] = None
+    response_format: Optional[dict[str, Any]] = None  # only {"type": "text"}, the default
+    user: Optional[str] = None  # accepted and ignored
 
     def check_supported(self) -> None:
         """Options we parse but cannot honour are refused rather than silently ignored."""
@@ -111,7 +189,21 @@ class _Common(BaseModel):
         if self.logit_bias:
             raise APIError(400, "logit_bias: not supported", param="logit_bias", code="unsupported_value")
         if self.stream_options is not None and not self.stream:
-            raise APIError(400, "stream_options: only allowed with stream=true", param="stream_options")
+            raise APIError(400, "stream_options: only allowed with stream=true", param="stream_options", code="invalid_value")  # fmt: skip
+        if self.response_format is not None and self.response_format != {"type": "text"}:
+            raise APIError(
+                400, f"response_format: only {{'type': 'text'}} is supported (no JSON mode or structured output), "
+                f"got {_short(self.response_format)}", param="response_format", code="unsupported_value",
+            )  # fmt: skip
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > MAX_STOP:
+            raise APIError(400, f"stop: at most {MAX_STOP} stop strings, got {len(stops)}", param="stop", code="invalid_value")  # fmt: skip
+        longest = max(map(len, stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise APIError(
+                400, f"stop: a stop string may have at most {MAX_STOP_CHARS} characters, got one of {longest}",
+                param="stop", code="invalid_value",
+            )  # fmt: skip
 
     @property
     def include_usage(self) -> bool:
@@ -144,16 +236,26 @@ class CompletionRequest(_Common):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    role: str = Field(min_length=1)
-    content: Optional[Union[str, list[TextPart]]] = None
+    model_config = ConfigDict(strict=True, extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]  # no tools, so no "tool" messages
+    content: Optional[Union[str, list[TextPart]]] = None  # only an assistant's may be absent or null
     name: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _needs_content(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise PydanticCustomError(
+                "content_required",
+                "a {role} message needs content: a string or a list of text parts (only an assistant "
+                "message may leave it out or null)", {"role": self.role},
+            )  # fmt: skip
+        return self
 
     def engine_message(self) -> dict[str, str]:
         content = self.content
