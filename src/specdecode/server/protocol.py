@@ -79,6 +79,25 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters in all)"
 
 
+def _is_union_tag(part: Any) -> bool:
+    """pydantic puts the alternative tried into the location of a union's errors ("str",
+    "list[TextPart]"); they are not part of the field's path."""
+    return isinstance(part, str) and (part == "str" or "[" in part)
+
+
+def _pick(errors: list[dict]) -> dict:
+    """The error to report: the first, unless it is a union alternative's wrong type and another
+    alternative got further (e.g. content is a list of parts, one with an unknown field)."""
+    first = errors[0]
+    loc = first["loc"]
+    if len(loc) >= 2 and _is_union_tag(loc[-1]) and _is_shape_error(first["type"]):
+        prefix = loc[:-1]
+        deeper = [e for e in errors if e["loc"][: len(prefix)] == prefix and len(e["loc"]) > len(loc)]
+        if deeper:
+            return deeper[0]
+    return first
+
+
 def _where(loc: tuple) -> str:
     # backslashreplace: a key holding a lone surrogate must not make the error itself unencodable
     return ".".join(str(part) for part in loc).encode("utf-8", "backslashreplace").decode("utf-8")
@@ -87,14 +106,13 @@ def _where(loc: tuple) -> str:
 def validation_error(e: ValidationError, model: type[BaseModel] | None = None, body: bytes | None = None) -> APIError:
     """The first of pydantic's errors as an APIError naming the field (``model``: the request
     model, to list the parameters it takes; ``body``: the raw body, to locate bad text in it)."""
-    errors = e.errors(include_url=False)
-    first = errors[0]
+    first = _pick(e.errors(include_url=False))
     if first["type"] == "json_invalid":
         located = _locate_invalid_text(body) if body is not None else None
         if located is not None:
             return located
         return APIError(400, f"the request body is not valid JSON: {first['msg']}", code="invalid_json")
-    loc = first["loc"]
+    loc = tuple(part for part in first["loc"] if not _is_union_tag(part))
     param = str(loc[0]) if loc else None
     if first["type"] == "extra_forbidden":
         where = _where(loc)
