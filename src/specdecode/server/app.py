@@ -1,6 +1,7 @@
 """The FastAPI app: OpenAI-compatible endpoints over one engine and one worker thread.
 
-Flow of a generation request: check the API key, parse and validate the body (pydantic), check
+Flow of a generation request: check the API key, read the body (413 past ``max_body_bytes``, a
+client hanging up meanwhile is a 499), parse and validate it (pydantic), check
 the model name, queue a ``Job`` for the worker (429 when the queue is full), wait for the
 worker to accept it (the engine's own checks turn into 400s here, before any byte of a stream
 is sent), then answer with one JSON body or a server-sent-event stream. While waiting, a task
@@ -23,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import InvalidArgument
 from .metrics import Metrics
@@ -33,6 +35,7 @@ log = logging.getLogger("specdecode.server")
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the context's end
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default: pass temperature=0 for greedy (and lossless-equal) output
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # a context's worth of text many times over
 ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
 
 
@@ -200,6 +203,30 @@ def _to_api_error(e: BaseException, *, chat: bool) -> APIError:
     return APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error", code="internal_error")
 
 
+async def _read_body(http: Request, limit: int) -> bytes:
+    """The request body, refused (413) past ``limit`` bytes without reading the rest: at once when
+    Content-Length says so, else as soon as the bytes that came in pass it (chunked uploads).
+    A client hanging up meanwhile raises ClientDisconnect (answered 499)."""
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(f"the request body has {int(declared)} bytes", limit)
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(f"the request body has more than {limit} bytes", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(what: str, limit: int) -> APIError:
+    # Connection: close -- the rest of the body is not read, so the connection cannot be reused.
+    return APIError(
+        413, f"{what}; this server takes at most {limit} (--max-body-bytes)", code="request_too_large",
+        headers={"Connection": "close"},
+    )  # fmt: skip
+
+
 def _parse(model: type[BaseModel], body: bytes):
     try:
         return model.model_validate_json(body)
@@ -244,10 +271,14 @@ def create_app(
     aliases: tuple[str, ...] = (),
     api_key: str | None = None,
     max_queue: int = 64,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
-    """An app serving ``engine`` (loaded once); its worker thread runs while the app does."""
+    """An app serving ``engine`` (loaded once); its worker thread runs while the app does.
+    Request bodies over ``max_body_bytes`` are refused with 413."""
     if max_queue < 1:
         raise InvalidArgument("max_queue", f"expected an integer >= 1, got {max_queue!r}")
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise InvalidArgument("max_body_bytes", f"expected an integer >= 1, got {max_body_bytes!r}")
     state = ServerState(
         engine, model_name=model_name or engine.model_name, aliases=aliases, api_key=api_key or None,
         max_queue=max_queue,
@@ -276,6 +307,12 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, e: RequestValidationError):
         return _error_response(APIError(422, str(e), code="invalid_type"))
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_client_gone(request: Request, e: ClientDisconnect):
+        # The client hung up while sending its body: a disconnect, not a server error.
+        log.info("client hung up while sending the body of %s %s", request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, e: Exception):
@@ -309,7 +346,7 @@ def create_app(
 
     @v1.post("/completions")
     async def completions(http: Request):
-        req = _parse(CompletionRequest, await http.body())
+        req = _parse(CompletionRequest, await _read_body(http, max_body_bytes))
         state.check_model(req.model)
         req.check_supported()
         gen = _generation_request(req, req.engine_prompt(), req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
@@ -317,7 +354,7 @@ def create_app(
 
     @v1.post("/chat/completions")
     async def chat_completions(http: Request):
-        req = _parse(ChatCompletionRequest, await http.body())
+        req = _parse(ChatCompletionRequest, await _read_body(http, max_body_bytes))
         state.check_model(req.model)
         req.check_supported()
         messages = [m.engine_message() for m in req.messages]

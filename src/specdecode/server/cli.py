@@ -32,6 +32,9 @@ def serve(
         None, envvar="SPECDECODE_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 endpoints."
     ),
     max_queue: int = typer.Option(64, min=1, help="Requests that may wait for the worker; more get 429."),
+    max_body_bytes: int = typer.Option(
+        4 * 1024 * 1024, min=1, help="Largest request body accepted, in bytes; larger ones get 413."
+    ),
     served_model_name: Optional[str] = typer.Option(
         None, help="The model name clients use (default: the --model folder's name)."
     ),
@@ -63,7 +66,7 @@ def serve(
         aliases = tuple({model, os.path.basename(os.path.normpath(model))} - {served_model_name})
         app = create_app(
             engine, model_name=served_model_name or engine.model_name, aliases=aliases, api_key=api_key,
-            max_queue=max_queue,
+            max_queue=max_queue, max_body_bytes=max_body_bytes,
         )  # fmt: skip
     except (SpecDecodeError, TypeError) as e:
         fail(str(e))
