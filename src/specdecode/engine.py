@@ -367,19 +367,22 @@ class Engine:
         return ids
 
     # ---- input --------------------------------------------------------------------------------
-    def encode(self, prompt: str | list[dict] | list[int]) -> list[int]:
-        """Prompt text, chat messages (through the chat template) or token ids -> token ids."""
+    def encode(self, prompt: str | list[dict] | list[int], *, tokenizer=None) -> list[int]:
+        """Prompt text, chat messages (through the chat template) or token ids -> token ids.
+        ``tokenizer``: a copy of the engine's to use instead (the server tokenizes on threads
+        of its own, each with its own copy)."""
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidArgument("prompt", "expected a non-empty string")
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             for i, m in enumerate(prompt):
                 if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                     raise InvalidArgument("messages", f"message {i} needs string 'role' and 'content'")
-            if not getattr(self.tokenizer, "chat_template", None):
+            if not getattr(tokenizer, "chat_template", None):
                 raise InvalidArgument("messages", f"model {self.model_name!r} has no chat template; pass a plain prompt")
-            ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):

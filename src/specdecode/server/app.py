@@ -1,11 +1,12 @@
 """The FastAPI app: OpenAI-compatible endpoints over one engine and one worker thread.
 
 Flow of a generation request: check the API key, read the body (413 past ``max_body_bytes``, a
-client hanging up meanwhile is a 499), parse and validate it (pydantic), check
-the model name, queue a ``Job`` for the worker (429 when the queue is full), wait for the
-worker to accept it (the engine's own checks turn into 400s here, before any byte of a stream
-is sent), then answer with one JSON body or a server-sent-event stream. While waiting, a task
-watches for the client disconnecting, which cancels the job.
+client hanging up meanwhile is a 499), parse and validate it (pydantic), check the model name,
+tokenize the prompt and check it against the context on a tokenizer thread (prompts.py; 400s),
+queue a ``Job`` for the worker (429 when the queue is full), wait for the worker to accept it
+(any other refusal by the engine turns into a 400 here, before any byte of a stream is sent),
+then answer with one JSON body or a server-sent-event stream. While waiting, a task watches for
+the client disconnecting, which cancels the job.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from ..errors import InvalidArgument
 from .metrics import Metrics
+from .prompts import PromptEncoder, fit_max_tokens
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, Formatter, speculative, validation_error
 from .worker import GenerationRequest, Job, QueueFull, Worker, WorkerStopped
 
@@ -50,6 +52,7 @@ class ServerState:
         self.model_ids = {model_name, *aliases}  # names a request may use for the one served model
         self.api_key = api_key
         self.worker = Worker(engine, max_queue)
+        self.prompts = PromptEncoder(engine)
         self.metrics = Metrics(model_name, engine.method)
         self.started = int(time.time())
 
@@ -61,15 +64,44 @@ class ServerState:
                 param="model", code="model_not_found",
             )  # fmt: skip
 
+    def _busy(self) -> APIError:
+        return APIError(
+            429, f"the server is busy: {self.worker.max_queue} requests are already waiting (--max-queue); retry later",
+            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"},
+        )  # fmt: skip
+
+    async def prepare(
+        self, req, prompt, max_tokens: int | None, default_max_tokens: int | None, *, chat: bool
+    ) -> GenerationRequest:
+        """Tokenize and check the prompt off the worker thread; the request the worker gets."""
+        w = self.worker
+        if w.queue_length >= w.max_queue or self.prompts.pending >= w.max_queue:
+            raise self._busy()  # before spending time on the prompt
+        if not w.alive:
+            raise _unavailable()
+        try:
+            ids = await self.prompts.encode(prompt)
+            max_tokens = fit_max_tokens(len(ids), self.engine.target.max_length, max_tokens, default_max_tokens)
+        except InvalidArgument as e:
+            raise _to_api_error(e, chat=chat) from None
+        return GenerationRequest(
+            prompt=ids,
+            max_tokens=max_tokens,
+            default_max_tokens=None,
+            temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            seed=req.seed,
+            stop=req.stop,
+            stream=bool(req.stream),
+        )
+
     def submit(self, request: GenerationRequest) -> Job:
         job = Job(request, asyncio.get_running_loop())
         try:
             self.worker.submit(job)
         except QueueFull:
-            raise APIError(
-                429, f"the server is busy: {self.worker.max_queue} requests are already waiting (--max-queue); retry later",
-                type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"},
-            ) from None  # fmt: skip
+            raise self._busy() from None
         except WorkerStopped:
             raise _unavailable() from None
         return job
@@ -289,6 +321,7 @@ def create_app(
         state.worker.start()
         yield
         state.worker.stop()
+        state.prompts.close()
 
     app = FastAPI(title="specdecode", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state
@@ -349,7 +382,7 @@ def create_app(
         req = _parse(CompletionRequest, await _read_body(http, max_body_bytes))
         state.check_model(req.model)
         req.check_supported()
-        gen = _generation_request(req, req.engine_prompt(), req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        gen = await state.prepare(req, req.engine_prompt(), req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, chat=False)
         return await state.generate(http, gen, Formatter(chat=False, model=state.model_name), req.include_usage)
 
     @v1.post("/chat/completions")
@@ -358,7 +391,7 @@ def create_app(
         state.check_model(req.model)
         req.check_supported()
         messages = [m.engine_message() for m in req.messages]
-        gen = _generation_request(req, messages, req.max_new_tokens, None)
+        gen = await state.prepare(req, messages, req.max_new_tokens, None, chat=True)
         return await state.generate(http, gen, Formatter(chat=True, model=state.model_name), req.include_usage)
 
     app.include_router(v1)
@@ -380,16 +413,3 @@ def create_app(
     app.add_middleware(_CountRequests, metrics=state.metrics)
     return app
 
-
-def _generation_request(req, prompt, max_tokens: int | None, default_max_tokens: int | None) -> GenerationRequest:
-    return GenerationRequest(
-        prompt=prompt,
-        max_tokens=max_tokens,
-        default_max_tokens=default_max_tokens,
-        temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
-        seed=req.seed,
-        stop=req.stop,
-        stream=bool(req.stream),
-    )

@@ -1,8 +1,10 @@
 """The one thread that talks to the engine, and the bounded queue that feeds it.
 
-The engine (model, KV cache, drafter state) is not thread-safe, and neither is sharing its
-Rust tokenizer across threads, so *everything* that touches it -- tokenizing and checking the
-prompt included -- runs here, one request at a time. The event loop only moves messages:
+The engine (model, KV cache, drafter state) is not thread-safe, so everything that runs the
+model runs here, one request at a time. Prompts come tokenized and checked already (prompts.py:
+on threads of their own, with their own copies of the tokenizer, so a huge prompt holds up no
+one); the worker checks token ids again, which is cheap, and tokenizes whatever else it is
+given (a direct caller's text) with the engine's own tokenizer. The event loop only moves messages:
 a job carries an asyncio queue that the worker fills through ``call_soon_threadsafe``, and a
 ``cancelled`` flag that the event loop sets when the client goes away, which the worker checks
 between pieces and then closes the engine's stream.
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InvalidArgument
+from .prompts import encode, fit_max_tokens
 
 log = logging.getLogger("specdecode.server")
 
@@ -155,19 +158,8 @@ class Worker:
 
     def _run(self, job: Job) -> None:
         r, engine = job.request, self.engine
-        prompt_ids = _encode(engine, r.prompt)
-        context = engine.target.max_length
-        room = context - len(prompt_ids)
-        if r.max_tokens is not None:
-            if r.max_tokens > room:
-                raise InvalidArgument(
-                    "max_tokens",
-                    f"the model's context holds {context} tokens; the prompt has {len(prompt_ids)}, "
-                    f"so at most {room} new tokens fit, but {r.max_tokens} were asked for",
-                )
-            max_tokens = r.max_tokens
-        else:
-            max_tokens = room if r.default_max_tokens is None else min(r.default_max_tokens, room)
+        prompt_ids = encode(engine, r.prompt)
+        max_tokens = fit_max_tokens(len(prompt_ids), engine.target.max_length, r.max_tokens, r.default_max_tokens)
         stream = engine.stream(
             prompt_ids, max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
             seed=r.seed, stop=r.stop,
@@ -191,17 +183,3 @@ class Worker:
             return
         job.emit("done", stream.result)
 
-
-def _encode(engine, prompt) -> list[int]:
-    """``engine.encode``, with a chat template refusing the messages (HF templates call
-    ``raise_exception``, e.g. "roles must alternate") reported as a bad request."""
-    try:
-        return engine.encode(prompt)  # InvalidArgument('prompt'/'messages') if unusable
-    except Exception as e:
-        try:
-            from jinja2 import TemplateError
-        except ImportError:  # pragma: no cover - transformers needs jinja2 for chat templates
-            raise e from None
-        if isinstance(e, TemplateError):
-            raise InvalidArgument("messages", f"the model's chat template rejects them: {e}") from None
-        raise
