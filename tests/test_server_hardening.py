@@ -310,6 +310,9 @@ REFUSED = [
     ("unknown-field-in-stream-options", C, {**OK, "stream": True, "stream_options": {"include_usage": True, "x": 1}}, 400, "stream_options", "unknown_parameter", ["stream_options.x"]),  # fmt: skip
     ("unknown-field-in-text-part", CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "x": 1}]}]}, 400, "messages", "unknown_parameter", ["messages.0.content.0.x"]),  # fmt: skip
     ("known-openai-field-unsupported", CHAT, {**OK_CHAT, "tool_choice": "auto"}, 400, "tool_choice", "unsupported_value", ["tool_choice", "not supported"]),  # fmt: skip
+    ("unsupported-field-set", C, {**OK, "parallel_tool_calls": True}, 400, "parallel_tool_calls", "unsupported_value", ["parallel_tool_calls"]),  # fmt: skip
+    ("message-tool-calls", CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, {"role": "user", "content": "go on"}]}, 400, "messages", "unsupported_value", ["messages.1", "tool_calls"]),  # fmt: skip
+    ("misspelt-parameter", C, {**OK, "max_token": 3}, 400, "max_token", "unknown_parameter", ["max_token", "max_tokens"]),  # fmt: skip
     ("response-format-json", CHAT, {**OK_CHAT, "response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_value", ["response_format", "json_object"]),  # fmt: skip
     ("response-format-schema", C, {**OK, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400, "response_format", "unsupported_value", ["response_format"]),  # fmt: skip
     ("stop-five-strings", C, {**OK, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value", ["stop", "4", "5"]),  # fmt: skip
@@ -337,6 +340,9 @@ ACCEPTED = [
     ("assistant-content-null", CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "go on"}]}),  # fmt: skip
     ("developer-role", CHAT, {**OK_CHAT, "messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]}),  # fmt: skip
     ("response-format-text", CHAT, {**OK_CHAT, "response_format": {"type": "text"}}),
+    ("unsupported-params-null", CHAT, {**OK_CHAT, "tool_choice": None, "parallel_tool_calls": None, "metadata": {}, "store": False}),  # fmt: skip
+    ("tool-choice-none", CHAT, {**OK_CHAT, "tool_choice": "none", "tools": []}),
+    ("response-message-sent-back", CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello", "refusal": None, "tool_calls": None, "function_call": None, "audio": None}, {"role": "user", "content": "go on"}]}),  # fmt: skip
     ("four-stop-strings", C, {**OK, "stop": ["a1", "b2", "c3", "d4"]}),
     ("valid-surrogate-pair", C, {**OK, "prompt": "Once upon a time \U0001f600"}),
     ("user-field", C, {**OK, "user": "someone"}),

@@ -62,12 +62,21 @@ def _is_shape_error(error_type: str) -> bool:
     return error_type == "missing" or error_type.endswith("_type") or error_type == "union_tag_invalid"
 
 
-# Parameters of OpenAI's API that this server does not implement: refused as unsupported (not as
-# unknown) when a request sends them.
-UNSUPPORTED_OPENAI_PARAMS = frozenset({
+# Parameters of OpenAI's API that this server does not implement: accepted when null or empty
+# (clients send them so), refused as unsupported otherwise. Fields of _Common, so that a misspelt
+# parameter is still "unknown".
+UNSUPPORTED_OPENAI_PARAMS = (
     "tool_choice", "parallel_tool_calls", "functions", "function_call", "modalities", "audio",
     "prediction", "reasoning_effort", "web_search_options", "store", "metadata", "service_tier",
-})  # fmt: skip
+)  # fmt: skip
+# The same for the fields of an assistant message that come with tools and audio: a client that
+# sends back a whole response message (``refusal: null``, ``tool_calls: null``) is served.
+UNSUPPORTED_MESSAGE_FIELDS = ("refusal", "tool_calls", "function_call", "audio", "tool_call_id")
+
+
+def _used(value: Any) -> bool:
+    """Whether an unsupported parameter asks for something: not null, false, empty or "none"."""
+    return value is not None and value is not False and value != "none" and value != [] and value != {}
 _SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_STOP_CHARS = 1024  # characters in one stop string
@@ -116,11 +125,10 @@ def validation_error(e: ValidationError, model: type[BaseModel] | None = None, b
     param = str(loc[0]) if loc else None
     if first["type"] == "extra_forbidden":
         where = _where(loc)
-        if len(loc) == 1 and param in UNSUPPORTED_OPENAI_PARAMS:
-            return APIError(400, f"{where}: not supported by this server", param=param, code="unsupported_value")
         message = f"{where}: unknown parameter"
         if len(loc) == 1 and model is not None:
-            message += f"; this endpoint takes {', '.join(model.model_fields)}"
+            takes = [name for name in model.model_fields if name not in UNSUPPORTED_OPENAI_PARAMS]
+            message += f"; this endpoint takes {', '.join(takes)}"
         return APIError(400, message, param=_where(loc[:1]), code="unknown_parameter")
     status = 422 if _is_shape_error(first["type"]) else 400
     if param in _EXPECTED and first["type"] != "missing":
@@ -130,6 +138,8 @@ def validation_error(e: ValidationError, model: type[BaseModel] | None = None, b
     else:
         message = f"{_where(loc)}: {first['msg']}" + (f" (got {_short(first['input'])})" if first["type"] != "missing" else "")
     code = "missing_field" if first["type"] == "missing" else "invalid_type" if status == 422 else "invalid_value"
+    if first["type"] == "unsupported_value":  # raised by our own validators
+        code = "unsupported_value"
     return APIError(status, message, param=param, code=code)
 
 
@@ -196,11 +206,27 @@ class _Common(BaseModel):
     logit_bias: Optional[dict[str, float]] = None
     response_format: Optional[dict[str, Any]] = None  # only {"type": "text"}, the default
     user: Optional[str] = None  # accepted and ignored
+    # UNSUPPORTED_OPENAI_PARAMS: refused unless null or empty
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
 
     def check_supported(self) -> None:
         """Options we parse but cannot honour are refused rather than silently ignored."""
         if self.n not in (None, 1):
             raise APIError(400, f"n: only n=1 is supported, got {self.n}", param="n", code="unsupported_value")
+        for name in UNSUPPORTED_OPENAI_PARAMS:
+            if _used(getattr(self, name)):
+                raise APIError(400, f"{name}: not supported by this server", param=name, code="unsupported_value")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise APIError(400, f"{name}: penalties are not supported (would change the output)", param=name, code="unsupported_value")  # fmt: skip
@@ -264,9 +290,18 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]  # no tools, so no "tool" messages
     content: Optional[Union[str, list[TextPart]]] = None  # only an assistant's may be absent or null
     name: Optional[str] = None
+    # UNSUPPORTED_MESSAGE_FIELDS: refused unless null or empty
+    refusal: Any = None
+    tool_calls: Any = None
+    function_call: Any = None
+    audio: Any = None
+    tool_call_id: Any = None
 
     @model_validator(mode="after")
     def _needs_content(self) -> ChatMessage:
+        for name in UNSUPPORTED_MESSAGE_FIELDS:
+            if _used(getattr(self, name)):
+                raise PydanticCustomError("unsupported_value", "{name}: not supported by this server", {"name": name})
         if self.content is None and self.role != "assistant":
             raise PydanticCustomError(
                 "content_required",
