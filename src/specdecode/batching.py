@@ -36,7 +36,8 @@ differ from the lone run.
 
 Drafters hold per-request state, so every request gets its own copy of the engine's drafter
 (model-free methods: vanilla, pld, suffix, recycle, suffix+recycle, lookahead, and hybrids of
-them; a suffix store of earlier requests is shared, read-only). Methods that keep their own
+them; a suffix store of earlier requests is shared, read-only; a custom drafter may declare
+``batchable = True``). Methods that keep their own
 model cache in step with the target's (sps, swift, quant) or a datastore (rest) are refused.
 """
 
@@ -91,6 +92,8 @@ def check_batchable(engine) -> None:
     name = getattr(drafter, "name", None)
     if type(engine).__name__ == "AutoEngine" or name is None:
         raise InvalidArgument("method", "method 'auto' chooses per request and cannot batch; pick a method")
+    if getattr(drafter, "batchable", False):  # a custom drafter that declares itself copyable per request
+        return
     if not all(p in BATCHABLE_METHODS for p in _method_parts(name)):
         raise InvalidArgument(
             "method", f"batched generation supports the model-free methods {', '.join(BATCHABLE_METHODS)} "
