@@ -100,7 +100,7 @@ def test_hf_backend_and_model_methods_are_refused(stories_path, noisy_stories):
 # ---- greedy: batched == alone ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["vanilla", "pld", "suffix", "recycle"])
+@pytest.mark.parametrize("method", ["vanilla", "pld", "suffix", "recycle", "lookahead"])
 def test_stories_batch_equals_lone(stories, method):
     engine = stories.with_method(method, progress=False)
     want = [lone(engine, p, max_new_tokens=48) for p in STORY_PROMPTS]
@@ -158,6 +158,31 @@ class _ConfidentDrafter(Drafter):
         out = [t if i < self.right else (t + 1) % 512 for i, t in enumerate(ans[done : done + max_tokens])]
         c = self.conf.get(self.key)
         return Draft.chain(out, confidence=None if c is None else [c] * len(out))
+
+
+class _TreeOracle(_ConfidentDrafter):
+    """A tree whose first branch is wrong and whose second is right: every accepted path needs
+    the cache compacted (keep with rows that are not a prefix)."""
+
+    name = "test-tree"
+
+    def propose(self, tokens, max_tokens, params, generator):
+        ans = self.answers.get(self.key, [])
+        done = len(tokens) - self.n
+        right = ans[done : done + max(0, max_tokens - 1)]
+        if not right:
+            return Draft()
+        return Draft([(right[0] + 1) % 512] + right, [-1] + list(range(-1, len(right) - 1)))
+
+
+def test_tree_drafts_with_compaction(stories):
+    prompts = STORY_PROMPTS[:4]
+    ref = {tuple(stories.encode(p)): stories.generate(p, max_new_tokens=30).token_ids for p in prompts}
+    engine = Engine(stories.target, stories.tokenizer, _TreeOracle(ref), draft_length=5)
+    want = [engine.generate(p, max_new_tokens=30) for p in prompts]
+    got = engine.generate_batch(prompts, max_new_tokens=30, max_num_seqs=4, max_batch_tokens=24)
+    assert [r.token_ids for r in got] == [w.token_ids for w in want] == [ref[tuple(stories.encode(p))] for p in prompts]
+    assert all(r.stats.accepted_draft_tokens > 0 for r in got)
 
 
 def test_join_cancel_stop_and_eos_mid_stream(stories):
