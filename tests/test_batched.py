@@ -115,6 +115,14 @@ def test_stories_batch_equals_lone(stories, method):
         assert any(r.stats.target_forwards < len(r.token_ids) for r in got)
 
 
+def test_quantized_target_and_hybrid_batch_equals_lone(stories_path):
+    engine = Engine.from_pretrained(stories_path, "pld", quantize="int8", progress=False)
+    for e in (engine, engine.with_method("pld+recycle", progress=False)):
+        want = [e.generate(p, max_new_tokens=32).token_ids for p in STORY_PROMPTS]
+        got = e.generate_batch(STORY_PROMPTS, max_new_tokens=32, max_num_seqs=3, max_batch_tokens=20)
+        assert [r.token_ids for r in got] == want
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tiny_architectures_batch_equals_lone(tiny_models, arch):
     engine = Engine.from_pretrained(tiny_models[arch], "pld", progress=False)
