@@ -563,7 +563,6 @@ class Engine:
         assert s.result is not None
         return s.result
 
-
     # ---- batched generation (batching.py) ----------------------------------------------------
     def batch(self, *, max_num_seqs: int = 8, max_batch_tokens: int | None = None):
         """A continuous-batching scheduler over this engine's target and method (native backend,
