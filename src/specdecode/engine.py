@@ -566,6 +566,38 @@ class Engine:
         assert s.result is not None
         return s.result
 
+    # ---- batched generation (batching.py) ----------------------------------------------------
+    def batch(self, *, max_num_seqs: int = 8, max_batch_tokens: int | None = None):
+        """A continuous-batching scheduler over this engine's target and method (native backend,
+        model-free methods): ``submit(prompt, ...)`` -> handle, ``step()``, ``cancel(handle)``.
+        Each request's output is what ``generate`` gives it alone (see batching.py)."""
+        from .batching import BatchScheduler
+
+        return BatchScheduler(self, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens)
+
+    def generate_batch(
+        self,
+        prompts: list,
+        max_new_tokens: int | list[int] = 128,
+        temperature: float | list[float] = 0.0,
+        top_p: float | list[float] = 1.0,
+        top_k: int | list[int] = 0,
+        seed: int | None | list[int | None] = None,
+        stop: str | list[str] | list[list[str] | None] | None = None,
+        *,
+        max_num_seqs: int = 8,
+        max_batch_tokens: int | None = None,
+    ) -> list[GenerationResult]:
+        """Generate continuations of several prompts together (continuous batching); one result
+        per prompt, in order, each with its own statistics. Each setting is one value for all or
+        a list with one per prompt (``stop``: a list of per-prompt lists)."""
+        from .batching import generate_batch
+
+        return generate_batch(
+            self, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            seed=seed, stop=stop, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
+        )  # fmt: skip
+
 
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer

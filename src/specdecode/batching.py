@@ -1,0 +1,514 @@
+"""Continuous batching: many requests decoded together, each exactly as it would be alone.
+
+A ``BatchScheduler`` (built by ``Engine.batch``) holds up to ``max_num_seqs`` running requests,
+each in a slot of a ``BatchedCache`` (``backends/batched.py``), and runs one target forward per
+``step()`` over all of them. Requests join (``submit``) and leave (finish, ``cancel``) at step
+boundaries. Each step's forward carries, per request:
+
+* a prompt chunk, while its prompt is being prefilled (long prompts take several steps, so they
+  do not stall the running requests), or
+* its root token (the last token, not yet cached) and a draft from its own drafter.
+
+The step has a token budget, ``max_batch_tokens`` (default: where the target's measured forward
+costs twice a one-token forward, ``costmodel.py``; 64 without a measurement). It is shared in
+this order:
+
+1. every decoding request's root (a running sequence is never stalled; when the roots alone fill
+   the budget, nobody drafts: speculation turns off);
+2. a reserve for prefill, a quarter of the budget, when a prompt is waiting (so joining requests
+   progress even when the running ones fill the budget);
+3. drafts: a seeded sampling request first gets its whole draft (its draft lengths must not depend
+   on its neighbours, see below); the other draft tokens go one at a time to the request whose
+   next draft node is most likely to be accepted (its path probability: the drafter's confidence
+   where it gives one, else the request's own running acceptance at that depth);
+4. prefill again, with whatever is left.
+
+Exactness. Greedy: a request's tokens are the target's argmax path whatever its drafts, so they
+equal the request decoded alone (float32: up to float32 rounding, like every speculative step;
+bf16: bit for bit where the row-invariance check made the linears exact and the prompt is
+prefilled in one piece, see README). Sampling: each request has its own generator (seeded from
+its own ``seed``); verification is lossless speculative sampling per request, so each request's
+output has the target's distribution. A seeded request's draft lengths follow its own
+deterministic grow/shrink rule and its drafts are granted whole whenever the draft budget holds
+them, so its output repeats the lone engine's for the same seed; when the budget cannot hold
+them (speculation off, or many seeded requests at once), it stays correctly distributed but may
+differ from the lone run.
+
+Drafters hold per-request state, so every request gets its own copy of the engine's drafter
+(model-free methods: vanilla, pld, suffix, recycle, suffix+recycle, lookahead, and hybrids of
+them; a suffix store of earlier requests is shared, read-only; a custom drafter may declare
+``batchable = True``). Methods that keep their own
+model cache in step with the target's (sps, swift, quant) or a datastore (rest) are refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .backends.batched import BatchedCache, Segment
+from .draft import Draft, verify_sampling
+from .errors import InvalidArgument
+from .sampling import SamplingParams, make_generator
+from .sizing import AcceptanceModel, FixedSizing, StepRecord
+from .text import IncrementalDetokenizer, find_stop, safe_end, trim_to_stop
+
+BATCHABLE_METHODS = ("vanilla", "pld", "suffix", "recycle", "suffix+recycle", "lookahead")
+DEFAULT_MAX_BATCH_TOKENS = 64  # without a cost measurement
+PREFILL_RESERVE = 4  # a waiting prompt gets at least 1/this of the budget per step
+
+
+def _check_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidArgument(name, f"expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def budget_from_cost(cost, context: int = 128, factor: float = 2.0, low: int = 16, high: int = 512) -> int:
+    """The largest block whose forward costs at most ``factor`` times a one-token forward (the
+    curve is extrapolated past its last measured size), within [low, high]."""
+    t1 = cost.forward(1, context)
+    best = 1
+    for n in range(2, high + 1):
+        if cost.forward(n, context) <= factor * t1:
+            best = n
+        else:
+            break
+    return max(low, min(best, high))
+
+
+def _method_parts(name: str) -> list[str]:
+    return [name] if name in BATCHABLE_METHODS else name.split("+")
+
+
+def check_batchable(engine) -> None:
+    """Refuse engines whose method cannot run in a batch (see the module docstring)."""
+    drafter = getattr(engine, "drafter", None)
+    name = getattr(drafter, "name", None)
+    if type(engine).__name__ == "AutoEngine" or name is None:
+        raise InvalidArgument("method", "method 'auto' chooses per request and cannot batch; pick a method")
+    if getattr(drafter, "batchable", False):  # a custom drafter that declares itself copyable per request
+        return
+    if not all(p in BATCHABLE_METHODS for p in _method_parts(name)):
+        raise InvalidArgument(
+            "method", f"batched generation supports the model-free methods {', '.join(BATCHABLE_METHODS)} "
+            f"(and hybrids of them), not {name!r}: a drafter with its own model cache (sps, swift, quant) or "
+            "a datastore (rest) runs one request at a time"
+        )  # fmt: skip
+
+
+def _shared_parts(drafter) -> dict[int, object]:
+    """Objects a per-request copy shares with the engine's drafter instead of copying: a suffix
+    store of earlier requests (possibly a big corpus), and anything holding a model."""
+    from .drafters.suffix_store import SuffixStore
+
+    memo: dict[int, object] = {}
+    stack, seen = [drafter], set()
+    while stack:
+        d = stack.pop()
+        if id(d) in seen:
+            continue
+        seen.add(id(d))
+        for value in vars(d).values():
+            if isinstance(value, SuffixStore) or hasattr(value, "forward"):
+                memo[id(value)] = value
+            elif hasattr(value, "propose"):  # a hybrid's parts
+                stack.append(value)
+    return memo
+
+
+@dataclass
+class StepOutput:
+    """What one step did for one request: its new tokens, the text they released (stop strings
+    held back), and whether the request finished."""
+
+    request: "BatchRequest"
+    token_ids: list[int]
+    text: str
+    finished: bool
+
+
+@dataclass
+class BatchRequest:
+    """A handle on a submitted request. ``result`` is set when it finishes."""
+
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    stop: list[str]
+    status: str = "waiting"  # waiting, prefill, decode, done
+    result: object = None  # GenerationResult once done
+    # ---- internal state ----
+    drafter: object = None
+    sizing: FixedSizing | None = None
+    acceptance: AcceptanceModel = field(default_factory=AcceptanceModel)
+    generator: torch.Generator | None = None
+    slot: int = -1
+    tokens: list[int] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens cached so far (of prompt[:-1])
+    generated: int = 0
+    detok: IncrementalDetokenizer | None = None
+    emitted: int = 0
+    finish_reason: str = "length"
+    cancelled: bool = False
+    stats: object = None
+    t_start: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "done"
+
+    @property
+    def seeded_sampling(self) -> bool:
+        return self.params.seed is not None and not self.params.greedy
+
+
+@dataclass
+class _Plan:
+    request: BatchRequest
+    kind: str  # "prefill" or "decode"
+    ids: list[int] = field(default_factory=list)
+    proposed: Draft = field(default_factory=Draft)
+    draft: Draft = field(default_factory=Draft)
+    start: int = 0
+    draft_seconds: float = 0.0
+
+
+class BatchScheduler:
+    """Continuous batching over an engine's target; see the module docstring.
+
+    ``submit`` queues a request and returns its handle; ``step`` runs one batched forward and
+    returns what it produced; ``cancel`` ends a request at the next step. ``run`` steps until
+    every request is done."""
+
+    def __init__(self, engine, *, max_num_seqs: int = 8, max_batch_tokens: int | None = None):
+        check_batchable(engine)
+        self.engine = engine
+        self.max_num_seqs = _check_int("max_num_seqs", max_num_seqs)
+        self.cache = BatchedCache(engine.target, max_num_seqs)
+        if max_batch_tokens is None:
+            max_batch_tokens = self._default_budget()
+        self.max_batch_tokens = _check_int("max_batch_tokens", max_batch_tokens)
+        self.waiting: list[BatchRequest] = []
+        self.running: list[BatchRequest] = []
+        self._ids = itertools.count()
+        self._shared = _shared_parts(engine.drafter)
+        self.steps = 0
+        self.last_step: dict = {}  # what the last step's forward held (tests, metrics)
+
+    def _default_budget(self) -> int:
+        from .costmodel import CostModel
+
+        try:
+            cost = CostModel.for_target(self.engine.target, progress=False)
+        except Exception:  # noqa: BLE001 - no measurement: a sane constant
+            return DEFAULT_MAX_BATCH_TOKENS
+        return budget_from_cost(cost)
+
+    # ---- requests -----------------------------------------------------------------------------
+    def submit(
+        self,
+        prompt,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+    ) -> BatchRequest:
+        """Queue a request (checked now); it joins the batch at the next step with a free slot."""
+        ids, params, stops = self.engine._prepare(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop)
+        req = BatchRequest(next(self._ids), ids, params, max_new_tokens, stops)
+        self.waiting.append(req)
+        return req
+
+    def cancel(self, request: BatchRequest) -> None:
+        """End ``request`` at the next step (its slot is freed; its result keeps what it produced,
+        with finish_reason "cancelled")."""
+        if not request.finished:
+            request.cancelled = True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def run(self) -> None:
+        while self.has_work:
+            self.step()
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def _admit(self, req: BatchRequest) -> None:
+        from .engine import GenerationStats
+
+        eng = self.engine
+        req.drafter = copy.deepcopy(eng.drafter, dict(self._shared))
+        for part in (req.drafter, getattr(req.drafter, "first", None), getattr(req.drafter, "second", None)):
+            if part is not None and hasattr(part, "_seq"):
+                part._seq = []  # a suffix drafter's previous request is in the store already, or never will be
+        s = eng.seeded_sizing
+        req.sizing = FixedSizing(s.initial, adaptive=s.adaptive, maximum=s.maximum)
+        req.sizing.begin()
+        req.generator = None if req.params.greedy else make_generator(eng.target.device, req.params.seed)
+        req.slot = self.cache.allocate()
+        req.tokens = list(req.prompt_ids)
+        req.detok = IncrementalDetokenizer(eng.tokenizer)
+        req.stats = GenerationStats(prompt_tokens=len(req.prompt_ids))
+        req.stats.verify, req.stats.lossy = eng.verify.describe(), eng.verify.lossy
+        req.drafter.begin(list(req.prompt_ids))
+        req.status = "prefill" if len(req.prompt_ids) > 1 else "decode"
+        req.t_start = time.perf_counter()
+        self.running.append(req)
+
+    def _finish(self, req: BatchRequest, reason: str, flush: bool = True) -> str:
+        """Close ``req``: its result, its slot back. Returns the text released now."""
+        from .engine import GenerationResult
+
+        tail = ""
+        if flush:
+            req.detok.flush()
+        if req.emitted < len(req.detok.text):
+            tail = req.detok.text[req.emitted :]
+            req.emitted = len(req.detok.text)
+        stats = req.stats
+        stats.new_tokens = len(req.detok.ids)
+        stats.total_time = time.perf_counter() - req.t_start
+        stats.method = {**req.drafter.stats(), **req.sizing.stats(), "batched": True,
+                        "max_batch_tokens": self.max_batch_tokens, "max_num_seqs": self.max_num_seqs}  # fmt: skip
+        req.result = GenerationResult(req.detok.text, list(req.detok.ids), list(req.prompt_ids), reason, stats)
+        req.finish_reason = reason
+        req.status = "done"
+        self.cache.release(req.slot)
+        self.running.remove(req)
+        return tail
+
+    # ---- one step -----------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        """Admit, plan, run one forward, verify; the outputs of this step."""
+        outputs: list[StepOutput] = []
+        # Leave: cancelled requests (waiting ones never took a slot).
+        for req in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(req)
+            self._admit_cancelled(req, outputs)
+        for req in [r for r in self.running if r.cancelled]:
+            outputs.append(StepOutput(req, [], self._finish(req, "cancelled"), True))
+        # Join: in submission order, while slots are free.
+        while self.waiting and self.cache.free_slots:
+            self._admit(self.waiting.pop(0))
+        if not self.running:
+            return outputs
+        plans = self._plan()
+        t0 = time.perf_counter()
+        segments = [self._segment(p) for p in plans]
+        logits = self.cache.forward(segments)
+        self.engine._sync()
+        forward_seconds = time.perf_counter() - t0
+        self.steps += 1
+        self.last_step = {
+            "roots": sum(p.kind == "decode" for p in plans),
+            "drafts": sum(len(p.draft) for p in plans),
+            "prefill": sum(len(p.ids) for p in plans if p.kind == "prefill"),
+            "tokens": sum(int(s.ids.shape[0]) for s in segments),
+            "per_request": {p.request.id: (p.kind, len(p.ids) if p.kind == "prefill" else len(p.draft)) for p in plans},
+        }  # fmt: skip
+        for plan, lg in zip(plans, logits):
+            req = plan.request
+            if plan.kind == "prefill":
+                req.prefilled += len(plan.ids)
+                req.stats.prefill_time += forward_seconds
+                if req.prefilled == len(req.prompt_ids) - 1:
+                    req.status = "decode"
+                continue
+            out = self._verify(plan, lg, forward_seconds)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _admit_cancelled(self, req: BatchRequest, outputs: list[StepOutput]) -> None:
+        """A request cancelled before it joined: an empty result."""
+        from .engine import GenerationResult, GenerationStats
+
+        stats = GenerationStats(prompt_tokens=len(req.prompt_ids))
+        req.result = GenerationResult("", [], list(req.prompt_ids), "cancelled", stats)
+        req.finish_reason, req.status = "cancelled", "done"
+        outputs.append(StepOutput(req, [], "", True))
+
+    def _room(self, req: BatchRequest) -> int:
+        start = self.cache.lengths[req.slot]
+        return min(req.max_new_tokens - req.generated - 1, self.cache.max_length - start - 1)
+
+    def _plan(self) -> list[_Plan]:
+        budget = self.max_batch_tokens
+        decoding = [r for r in self.running if r.status == "decode"]
+        prefilling = [r for r in self.running if r.status == "prefill"]
+        plans = {r.id: _Plan(r, "decode", start=self.cache.lengths[r.slot]) for r in decoding}
+        need = sum(len(r.prompt_ids) - 1 - r.prefilled for r in prefilling)
+        reserve = min(need, max(1, budget // PREFILL_RESERVE))
+        draft_budget = max(0, budget - len(decoding) - reserve)
+
+        # Each decoding request proposes what its own sizing asks for (within its room).
+        for r in decoding:
+            p = plans[r.id]
+            room = self._room(r)
+            want = min(r.sizing.budget(p.start), room) if room > 0 else 0
+            t = time.perf_counter()
+            p.proposed = r.drafter.propose(r.tokens, want, r.params, r.generator).head(want) if want > 0 else Draft()
+            p.draft_seconds = time.perf_counter() - t
+        # Seeded sampling requests first, whole (their draft lengths must not depend on others).
+        grants = {r.id: 0 for r in decoding}
+        left = draft_budget
+        for r in decoding:
+            if r.seeded_sampling:
+                g = min(len(plans[r.id].proposed), left)
+                grants[r.id], left = g, left - g
+        # The rest, one node at a time, where the next node is most likely to be accepted.
+        path_probs = {r.id: self._path_probabilities(r, plans[r.id].proposed) for r in decoding if not r.seeded_sampling}
+        heap = [(-probs[0], r_id) for r_id, probs in path_probs.items() if probs]
+        heapq.heapify(heap)
+        while left > 0 and heap:
+            _, r_id = heapq.heappop(heap)
+            grants[r_id] += 1
+            left -= 1
+            probs = path_probs[r_id]
+            if grants[r_id] < len(probs):
+                heapq.heappush(heap, (-probs[grants[r_id]], r_id))
+        used = 0
+        for r in decoding:
+            p = plans[r.id]
+            p.draft = p.proposed.head(grants[r.id])
+            used += len(p.draft)
+        # Prefill: the reserve and whatever drafts left, oldest request first.
+        prefill_budget = max(reserve, budget - len(decoding) - used)
+        out = list(plans.values())
+        for r in prefilling:
+            if prefill_budget <= 0:
+                break
+            remaining = len(r.prompt_ids) - 1 - r.prefilled
+            n = min(remaining, prefill_budget)
+            prefill_budget -= n
+            out.append(_Plan(r, "prefill", ids=r.prompt_ids[r.prefilled : r.prefilled + n]))
+        return out
+
+    def _path_probabilities(self, req: BatchRequest, draft: Draft) -> list[float]:
+        depths = draft.depths()
+        probs: list[float] = []
+        for i, parent in enumerate(draft.parents):
+            conf = draft.confidence[i] if draft.confidence else None
+            a = req.acceptance.estimate(conf, depths[i])
+            probs.append(a * (probs[parent] if parent >= 0 else 1.0))
+        return probs
+
+    def _segment(self, plan: _Plan) -> Segment:
+        req = plan.request
+        if plan.kind == "prefill":
+            return Segment(req.slot, torch.tensor(plan.ids), logits=False)
+        draft = plan.draft
+        ids = torch.tensor([req.tokens[-1]] + draft.tokens)
+        if draft.is_chain:
+            return Segment(req.slot, ids)
+        positions = torch.tensor([0] + draft.depths()) + plan.start
+        return Segment(req.slot, ids, positions=positions, tree_mask=draft.tree_mask())
+
+    def _verify(self, plan: _Plan, logits: torch.Tensor, forward_seconds: float) -> StepOutput | None:
+        """As one step of ``Engine._steps`` (verification, cache, drafter, stop conditions) and of
+        ``Engine._pieces`` (text, stop strings) for one request."""
+        req, draft, eng = plan.request, plan.draft, self.engine
+        t3 = time.perf_counter()
+        if req.params.greedy:
+            path, nxt = eng.verify.greedy(draft, logits)
+        else:
+            path, nxt = verify_sampling(draft, logits, req.params, req.generator)
+        self.cache.keep(req.slot, plan.start, [0] + [n + 1 for n in path])
+        req.drafter.observe(req.tokens[-1], draft, logits)
+        new = [draft.tokens[n] for n in path] + [nxt]
+        for i, tok in enumerate(new):
+            if tok in eng.eos_ids:
+                new = new[: i + 1]
+                break
+        new = new[: req.max_new_tokens - req.generated]
+        req.tokens.extend(new)
+        req.drafter.update(req.tokens, len(path), draft)
+        t4 = time.perf_counter()
+        draft_seconds = plan.draft_seconds + (t4 - t3)
+        req.sizing.record(StepRecord(plan.start, plan.proposed, draft, path, len(new), draft_seconds, forward_seconds))
+        reached, on_path, depths = {-1} | set(path), set(path), draft.depths()
+        for i, parent in enumerate(draft.parents):
+            if parent in reached:
+                conf = draft.confidence[i] if draft.confidence else None
+                req.acceptance.learn(conf, depths[i], i in on_path)
+        req.generated += len(new)
+        s = req.stats
+        s.target_forwards += 1
+        s.accept_lengths.append(len(new))
+        s.drafted_tokens += len(plan.proposed)
+        s.verified_draft_tokens += len(draft)
+        s.accepted_draft_tokens += len(path)
+        s.plain_steps += not len(draft)
+        s.draft_time += draft_seconds
+        s.verify_time += forward_seconds
+        if not s.first_token_time:
+            s.first_token_time = time.perf_counter() - req.t_start
+
+        # Text and stop strings, as Engine._pieces.
+        detok = req.detok
+        before = len(detok.ids)
+        detok.add(new)
+        finish = None
+        if detok.ids[-1] in eng.eos_ids:
+            finish = "stop"
+        hit = find_stop(detok.text, req.stop, req.emitted) if req.stop else None
+        if hit is not None:
+            detok.ids = trim_to_stop(eng.tokenizer, detok.ids, req.stop, keep=before + 1)
+            detok.text = detok.text[:hit]
+            s.accept_lengths[-1] -= before + len(new) - len(detok.ids)
+            kept = new[: len(detok.ids) - before]
+            return StepOutput(req, kept, self._finish(req, "stop", flush=False), True)
+        safe = safe_end(detok.text, req.stop)
+        piece = ""
+        if safe > req.emitted:
+            piece = detok.text[req.emitted : safe]
+            req.emitted = safe
+        if finish is None and (req.generated >= req.max_new_tokens or self.cache.lengths[req.slot] >= self.cache.max_length):
+            finish = "length"
+        if finish is not None:
+            return StepOutput(req, new, piece + self._finish(req, finish), True)
+        return StepOutput(req, new, piece, False)
+
+
+PER_REQUEST = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
+
+
+def generate_batch(engine, prompts, *, max_num_seqs: int = 8, max_batch_tokens: int | None = None, stop=None,
+                   **settings) -> list:  # fmt: skip
+    """``Engine.generate_batch``: every prompt through one scheduler; results in prompt order."""
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise InvalidArgument("prompts", "expected a non-empty list of prompts")
+    n = len(prompts)
+
+    def per(name, value):
+        if isinstance(value, (list, tuple)):
+            if len(value) != n:
+                raise InvalidArgument(name, f"expected one value or a list of {n} (one per prompt), got {len(value)}")
+            return list(value)
+        return [value] * n
+
+    columns = {name: per(name, settings[name]) for name in PER_REQUEST if name in settings}
+    unknown = set(settings) - set(PER_REQUEST)
+    if unknown:
+        raise TypeError(f"generate_batch() got unexpected keyword arguments {sorted(unknown)}")
+    if isinstance(stop, (list, tuple)) and stop and all(s is None or isinstance(s, (list, tuple)) for s in stop):
+        stops = per("stop", stop)  # one list per prompt
+    else:
+        stops = [stop] * n
+    scheduler = BatchScheduler(engine, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens)
+    handles = [
+        scheduler.submit(p, stop=stops[i], **{name: col[i] for name, col in columns.items()})
+        for i, p in enumerate(prompts)
+    ]
+    scheduler.run()
+    return [h.result for h in handles]
