@@ -29,6 +29,7 @@ MODES="plain lookup"
 WORK=${LLAMA_CPP_WORK:-bench_out/llama.cpp}
 VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 PY=${PYTHON:-python}
+PREPARE_ONLY=0
 
 while (($#)); do
   case $1 in
@@ -41,6 +42,7 @@ while (($#)); do
   --types) TYPES=$2; shift 2 ;;
   --modes) MODES=$2; shift 2 ;;
   --work) WORK=$2; shift 2 ;;
+  --prepare-only) PREPARE_ONLY=1; shift ;;  # build, convert, quantize; no timing
   -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
   *) echo "llama_cpp.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -70,7 +72,12 @@ NAME=$(basename "$MODEL_DIR")
 GGUF_BF16="$WORK/$NAME-BF16.gguf"
 if [[ ! -s $GGUF_BF16 ]]; then
   echo "llama_cpp.sh: converting $MODEL_DIR to GGUF (bf16)" >&2
-  PYTHONPATH="$SRC/gguf-py${PYTHONPATH:+:$PYTHONPATH}" "$PY" "$SRC/convert_hf_to_gguf.py" "$MODEL_DIR" \
+  # The converter imports sentencepiece even for BPE tokenizers: installed beside it, not into
+  # the user's environment.
+  if ! "$PY" -c 'import sentencepiece' 2>/dev/null && [[ ! -d $WORK/pydeps/sentencepiece ]]; then
+    "$PY" -m pip install --quiet --target "$WORK/pydeps" sentencepiece >&2
+  fi
+  PYTHONPATH="$SRC/gguf-py:$WORK/pydeps${PYTHONPATH:+:$PYTHONPATH}" "$PY" "$SRC/convert_hf_to_gguf.py" "$MODEL_DIR" \
     --outtype bf16 --outfile "$GGUF_BF16.tmp" >&2
   mv "$GGUF_BF16.tmp" "$GGUF_BF16"
 fi
@@ -81,6 +88,11 @@ for t in $TYPES; do
     mv "$f.tmp" "$f"
   fi
 done
+
+if ((PREPARE_ONLY)); then
+  echo "llama_cpp.sh: prepared $WORK ($TYPES)" >&2
+  exit 0
+fi
 
 # ---- prompts: the bench's selection, through the chat template ---------------------------------------
 PROMPTS="$WORK/prompts-$NAME"

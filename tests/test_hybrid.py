@@ -44,3 +44,11 @@ def test_hybrid_sampling_is_seeded_and_bounded(stories_path, noisy_stories):
 def test_bad_hybrids_are_clear_errors(stories_path, method, draft, message):
     with pytest.raises(InvalidArgument, match=re.escape(message)):
         Engine.from_pretrained(stories_path, method, draft_model=draft, progress=False)
+
+
+def test_a_hybrid_with_a_tokenizer_reading_method_builds_and_is_exact(stories_path):
+    """suffix reads corpora through the tokenizer; pld takes no tokenizer: each part gets what it takes."""
+    vanilla = Engine.from_pretrained(stories_path, "vanilla", progress=False)
+    for method in ("pld+suffix", "suffix+pld"):
+        hybrid = vanilla.with_method(method, draft_length=4)
+        assert hybrid.generate(PROMPTS[0], max_new_tokens=40).token_ids == vanilla.generate(PROMPTS[0], max_new_tokens=40).token_ids

@@ -282,8 +282,6 @@ class Engine:
             raise InvalidArgument("method_options", f"hybrid {method!r}: options go to its methods one at a time; "
                                   "none are taken here")  # fmt: skip
         rule = VerifyRule.parse(verify, method_options)
-        if any(getattr(METHODS[name], "uses_tokenizer", False) for name in parts):
-            method_options.setdefault("tokenizer", self.tokenizer)  # e.g. to read a corpus
         if draft_quant is not None and "sps" not in parts:
             raise InvalidArgument("draft_quant", f"only method 'sps' has a draft model to quantize, not {method!r}")
 
@@ -301,7 +299,10 @@ class Engine:
                     max_length=self.target.max_length, quantize=draft_q,
                 )  # fmt: skip
                 return DraftModelDrafter(draft, **method_options)
-            return METHODS[name].create(self.target, **method_options)
+            options = dict(method_options)
+            if getattr(METHODS[name], "uses_tokenizer", False):
+                options.setdefault("tokenizer", self.tokenizer)  # e.g. to read a corpus
+            return METHODS[name].create(self.target, **options)
 
         try:
             drafters = [build(name) for name in parts]
