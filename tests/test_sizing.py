@@ -149,3 +149,17 @@ def test_bad_sizing_is_a_clear_error(stories_path):
         make_sizing("greedy", 4, 16, None)
     with pytest.raises(InvalidArgument, match="sizing"):
         Engine.from_pretrained(stories_path, "pld", sizing="bogus", progress=False)
+
+
+def test_the_budget_learns_from_drafters_that_give_confidences():
+    """A model drafter's nodes carry confidences; its verdicts must still teach the per-depth
+    rates the budget is chosen from (before this, such a drafter's budget stayed at the prior
+    of 1/2 per depth and a well-aimed, costly drafter was kept at zero)."""
+    sizing = PayoffSizing(CostModel.from_curve(CPU_LIKE))
+    draft = Draft.chain(list(range(8)), confidence=[0.97] * 8)
+    for _ in range(100):  # every node accepted
+        sizing.record(StepRecord(100, draft, draft, list(range(8)), 9, 8 * 0.004, sizing.cost.forward(9, 100)))
+    for _ in range(8):
+        sizing.record(StepRecord(100, Draft(), Draft(), [], 1, 0.0, sizing.cost.forward(1, 100)))
+    assert sizing.acceptance.depth_rates(4)[3] > 0.9
+    assert sizing.budget(100) >= 4  # a draft token at 0.4 of a forward, accepted always: worth a long draft

@@ -101,9 +101,13 @@ class AcceptanceModel:
         return (acc + self.prior * mean) / (n + self.prior)
 
     def learn(self, confidence: float | None, depth: int, accepted: bool) -> None:
-        c = self.counts.setdefault(self._key(confidence, depth), [0.0, 0.0])
-        c[0] = c[0] * self.decay + accepted
-        c[1] = c[1] * self.decay + 1
+        # The depth's running rate learns from every verdict, with or without a confidence:
+        # the budget is chosen from it before any draft (and its confidences) exists.
+        keys = {self._key(None, depth), self._key(confidence, depth)}
+        for key in keys:
+            c = self.counts.setdefault(key, [0.0, 0.0])
+            c[0] = c[0] * self.decay + accepted
+            c[1] = c[1] * self.decay + 1
 
     def depth_rates(self, depths: int) -> list[float]:
         """Running acceptance at depths 1..``depths`` (for the budget, before any draft exists)."""

@@ -75,7 +75,7 @@ class QuantDrafter(Drafter):
         bits: int = 4,
         group_size: int | None = None,
         keep_layers=(),
-        quantize_lm_head: bool = False,
+        quantize_lm_head: bool = True,  # a draft only proposes: int4 lm_head, same agreement, ~18% cheaper (Qwen-1.5B)
         cache: str = "shared",
         branches=(1, 1, 1, 1),
         stop_below: float = 0.3,
