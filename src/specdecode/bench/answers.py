@@ -52,6 +52,7 @@ def make_record(question, method: str, model: str, config: dict[str, Any], turns
     for key in ("token_ids", "drafted_tokens", "accepted_draft_tokens", "peak_memory"):
         choice[key] = [t[key] for t in turns]
     choice["first_token_time"] = [t.get("first_token_time") for t in turns]
+    choice["verified_draft_tokens"] = [t.get("verified_draft_tokens") for t in turns]
     return {
         "question_id": question.question_id,
         "category": question.category,

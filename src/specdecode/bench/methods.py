@@ -151,6 +151,7 @@ class TurnOutput:
     drafted_tokens: int | None = None  # None: the method does not report it
     accepted_draft_tokens: int | None = None
     first_token_seconds: float | None = None  # until the first step's tokens (prompt included)
+    verified_draft_tokens: int | None = None  # of the drafted tokens, those sent to verification
 
 
 class OurMethod:
@@ -164,5 +165,5 @@ class OurMethod:
         s = result.stats
         return TurnOutput(
             list(result.token_ids), s.target_forwards, list(s.accept_lengths), s.drafted_tokens, s.accepted_draft_tokens,
-            s.first_token_time,
+            s.first_token_time, s.verified_draft_tokens,
         )

@@ -141,6 +141,7 @@ def summarize(answers: Answers, baseline: str, methods: list[str] | None = None)
             reference = exact_reference(m, methods, baseline)
             speeds, speedups, accept, drafted, accepted = [], [], [], 0, 0
             decode_speeds: list[float] = []
+            verified: int | None = 0
             matches: list[bool] = []
             base_matches: list[bool] = []
             agree = [0, 0]
@@ -166,6 +167,11 @@ def summarize(answers: Answers, baseline: str, methods: list[str] | None = None)
                     accept.extend(choice["accept_lengths"])
                     drafted += sum(d for d in choice.get("drafted_tokens") or [] if d is not None)
                     accepted += sum(a for a in choice.get("accepted_draft_tokens") or [] if a is not None)
+                    checked = choice.get("verified_draft_tokens") or []
+                    if verified is not None and checked and all(v is not None for v in checked):
+                        verified += sum(checked)
+                    else:
+                        verified = None  # a method (a peer) that does not cut its drafts
                     for ref, found in ((by_method[reference], matches), (base, base_matches)):
                         same = _same_tokens(r, ref[r["question_id"]])
                         if same is not None:
@@ -185,6 +191,8 @@ def summarize(answers: Answers, baseline: str, methods: list[str] | None = None)
                 "speedup_std": _std(speedups),
                 "mean_accepted_tokens": _mean(accept),
                 "acceptance_rate": accepted / drafted if drafted else None,
+                "drafted_tokens": drafted,
+                "verified_draft_tokens": verified,
                 "exact_match": None if sampled or not matches else sum(matches) / len(matches),
                 "exact_match_reference": reference,
                 "exact_match_baseline": None if sampled or not base_matches else sum(base_matches) / len(base_matches),

@@ -151,6 +151,13 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     for m in summary["methods"]:
         cells = [summary["results"][m].get(s) or {} for s in subtasks]
         lines.append(f"| {m} | " + " | ".join(_num(c.get("speedup"), ".2f", None, "x") for c in cells) + " |")
+    lines += ["", "## Drafted and verified tokens (all questions)", "",
+              "| method | drafted | verified (after payoff's cut) | accepted share of drafted |", "|---|---|---|---|"]
+    for m in summary["methods"]:
+        c = summary["results"][m].get("overall") or {}
+        if c.get("drafted_tokens"):
+            lines.append(f"| {m} | {c['drafted_tokens']} | {c.get('verified_draft_tokens') if c.get('verified_draft_tokens') is not None else '-'} "
+                         f"| {_pct(c.get('acceptance_rate'))} |")  # fmt: skip
     lines += ["", "## Peak memory", "", "| method | peak memory |", "|---|---|"]
     lines += [f"| {m} | {_mib(summary['peak_memory_bytes'].get(m))} |" for m in summary["methods"]]
     lines += [

@@ -250,7 +250,8 @@ class BenchWorker:
                 "text": text, "decoding_steps": out.decoding_steps, "new_tokens": len(out.token_ids),
                 "wall_time": wall, "accept_lengths": out.accept_lengths, "token_ids": out.token_ids,
                 "drafted_tokens": out.drafted_tokens, "accepted_draft_tokens": out.accepted_draft_tokens,
-                "first_token_time": out.first_token_seconds, "peak_memory": self.memory.peak(),
+                "first_token_time": out.first_token_seconds, "verified_draft_tokens": out.verified_draft_tokens,
+                "peak_memory": self.memory.peak(),
             })  # fmt: skip
         spec = self.specs[method]
         name = model_id(cfg.model_name, method, self.dtype_name, cfg.temperature)
