@@ -1,7 +1,8 @@
 """The one thread that talks to the engine, and the bounded queue that feeds it.
 
 The engine (model, KV cache, drafter state) is not thread-safe, so everything that runs the
-model runs here, one request at a time. Prompts come tokenized and checked already (prompts.py:
+model runs here: one request at a time (``Worker``), or many decoded together by the
+continuous-batching scheduler (``BatchWorker``). Prompts come tokenized and checked already (prompts.py:
 on threads of their own, with their own copies of the tokenizer, so a huge prompt holds up no
 one); the worker checks token ids again, which is cheap, and tokenizes whatever else it is
 given (a direct caller's text) with the engine's own tokenizer. The event loop only moves messages:
@@ -107,6 +108,11 @@ class Worker:
     def busy(self) -> bool:
         return self.current is not None
 
+    @property
+    def running(self) -> int:
+        """Requests being generated now."""
+        return int(self.current is not None)
+
     def submit(self, job: Job) -> None:
         if not self.alive:
             raise WorkerStopped()
@@ -183,3 +189,147 @@ class Worker:
             return
         job.emit("done", stream.result)
 
+
+
+class BatchWorker(Worker):
+    """The worker over a continuous-batching scheduler (batching.py): up to ``max_num_seqs``
+    requests decode together, one target forward per step.
+
+    Jobs wait in the same bounded queue; the worker takes one whenever the scheduler has a free
+    slot, so ``queue_length`` still counts requests waiting for a slot (and a full queue still
+    answers 429). Requests join and leave at step boundaries: a job whose client left is
+    cancelled before the next step, which frees its slot. Each step's text goes to its job as it
+    comes (streamed jobs get it piece by piece). A request the engine refuses fails alone; a step
+    that raises fails the requests in the scheduler then (their caches are in an unknown state),
+    the scheduler is rebuilt, and the requests still queued go on.
+    """
+
+    def __init__(self, engine, max_queue: int, scheduler, stats=None):
+        super().__init__(engine, max_queue)
+        self.scheduler = scheduler
+        self.stats = stats  # metrics.BatchStats, fed after every step
+        self._jobs: dict[int, tuple[Job, object]] = {}  # request id -> (job, handle)
+        self._thread.name = "specdecode-batch-worker"
+
+    @property
+    def running(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._jobs)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        for job, _ in list(self._jobs.values()):
+            job.stopped_by_server = True
+            job.cancel()
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.emit("error", WorkerStopped())
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:  # pragma: no cover
+            pass
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---- worker-thread side -------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                if self._stopping:
+                    return
+                if not self._take_jobs():
+                    return
+                if self._stopping:
+                    return
+                if not self.scheduler.has_work:
+                    continue
+                for job, handle in self._jobs.values():
+                    if job.cancelled.is_set():
+                        self.scheduler.cancel(handle)
+                try:
+                    outputs = self.scheduler.step()
+                except Exception as e:  # noqa: BLE001 - the requests of this step fail, the worker lives on
+                    log.exception("a batched step failed; failing the %d requests in the batch", len(self._jobs))
+                    self._reset(e)
+                    continue
+                if self.stats is not None:
+                    self.stats.observe_step(self.scheduler.last_step, self.scheduler.max_batch_tokens)
+                for out in outputs:
+                    self._deliver(out)
+        finally:
+            for job, _ in self._jobs.values():  # the server is going away: say so
+                job.emit("error", WorkerStopped())
+            self._jobs.clear()
+
+    def _take_jobs(self) -> bool:
+        """Move queued jobs into the scheduler while it has room (waiting for one when it has no
+        work). False when the stop sentinel came."""
+        s = self.scheduler
+        while len(s.running) + len(s.waiting) < s.max_num_seqs:
+            try:
+                job = self._queue.get() if not s.has_work else self._queue.get_nowait()
+            except queue.Empty:
+                return True
+            if job is None or self._stopping:
+                if job is not None:
+                    job.emit("error", WorkerStopped())
+                return False
+            if job.cancelled.is_set():  # the client left while waiting: nothing to do
+                self.cancelled_total += 1
+                continue
+            self._admit(job)
+        return True
+
+    def _admit(self, job: Job) -> None:
+        r = job.request
+        try:
+            prompt_ids = encode(self.engine, r.prompt)
+            max_tokens = fit_max_tokens(len(prompt_ids), self.engine.target.max_length, r.max_tokens, r.default_max_tokens)
+            handle = self.scheduler.submit(
+                prompt_ids, max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=r.seed,
+                stop=r.stop,
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+            if not isinstance(e, InvalidArgument):
+                log.exception("generation failed")
+            job.emit("error", e)
+            return
+        job.started_at = time.perf_counter()
+        self._jobs[handle.id] = (job, handle)
+        job.emit("start", (len(prompt_ids), max_tokens))
+
+    def _deliver(self, out) -> None:
+        entry = self._jobs.get(out.request.id)
+        if entry is None:  # pragma: no cover - every request in the scheduler has a job
+            return
+        job, handle = entry
+        if out.text and job.first_piece_at is None:
+            job.first_piece_at = time.perf_counter()
+        if out.text and job.request.stream and not job.cancelled.is_set():
+            job.emit("piece", out.text)
+        if not out.finished:
+            return
+        del self._jobs[out.request.id]
+        result = handle.result
+        if result.finish_reason == "cancelled":
+            if job.stopped_by_server:
+                job.emit("error", WorkerStopped())
+            else:  # the client is gone
+                self.cancelled_total += 1
+            return
+        job.emit("done", result)
+
+    def _reset(self, error: Exception) -> None:
+        """After a failed step: fail its requests and start over with an empty scheduler."""
+        for job, _ in self._jobs.values():
+            job.emit("error", error)
+        self._jobs.clear()
+        old = self.scheduler
+        self.scheduler = type(old)(self.engine, max_num_seqs=old.max_num_seqs, max_batch_tokens=old.max_batch_tokens)
