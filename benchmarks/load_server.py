@@ -233,11 +233,16 @@ def run_transformers_cb(args) -> list[RunStats]:
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else model.config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     config = GenerationConfig(max_new_tokens=args.max_tokens, do_sample=False, eos_token_id=eos if eos is not None else -1)
+    ids = prompt_ids(tokenizer, args.endpoint == "chat")
+    # The KV cache's size, fixed: left to itself on CPU, transformers takes 90% of the machine's RAM.
+    page = args.peer_page_size
+    per_request = -(-(max(map(len, ids)) + args.max_tokens + 1) // page)  # pages, rounded up
+    num_blocks = args.peer_num_blocks or 2 * max(args.concurrency) * per_request
     cb = ContinuousBatchingConfig(
         max_batch_tokens=args.peer_max_batch_tokens, max_requests_per_batch=max(args.concurrency),
-        allow_block_sharing=args.peer_block_sharing,
+        allow_block_sharing=args.peer_block_sharing, page_size=page, num_blocks=num_blocks,
     )  # fmt: skip
-    ids = prompt_ids(tokenizer, args.endpoint == "chat")
+    _say(f"[transformers-cb] KV cache: {num_blocks} blocks of {page} tokens, max_batch_tokens {args.peer_max_batch_tokens}")
     manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cb)
     manager.start()
     counter = iter(range(10**9))
@@ -373,6 +378,9 @@ def main() -> None:
     p.add_argument("--peer", choices=("none", "transformers-cb"), default="none",
                    help="also run transformers' continuous batching (ContinuousBatchingManager) in this process")
     p.add_argument("--peer-max-batch-tokens", type=int, default=256, help="the peer's max_batch_tokens (default 256)")
+    p.add_argument("--peer-page-size", type=int, default=64, help="tokens per page of the peer's paged KV cache (default 64)")
+    p.add_argument("--peer-num-blocks", type=int,
+                   help="blocks in the peer's KV cache (default: twice what the largest concurrency needs)")
     p.add_argument("--peer-dtype", default="auto", help="the peer's model dtype (default auto, as specdecode's)")
     p.add_argument("--peer-block-sharing", action="store_true",
                    help="let the peer share prompt-prefix cache blocks (off by default: specdecode has no prefix cache)")
