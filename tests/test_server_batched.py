@@ -273,7 +273,8 @@ def test_stop_strings_seeds_and_lengths_per_request(batched, reference):
 
 def test_cli_says_it_batches(batched):
     url, _, log = batched
-    assert "continuous batching: up to 4 requests at once, 32 tokens per step" in log.read_text()
+    assert "continuous batching: up to 4 requests at once, 32 tokens per step (KV cache" in log.read_text()
+    assert _health(url)["batching"]["kv_cache_bytes"] > 0
 
 
 # ---- --max-num-seqs 1: as before ----------------------------------------------------------------

@@ -81,13 +81,20 @@ class ServerState:
         self.started = int(time.time())
 
     @property
+    def batch_cache_bytes(self) -> int:
+        """The batched KV cache's size (every slot holds the whole context), 0 when not batching."""
+        cache = getattr(getattr(self.worker, "scheduler", None), "cache", None)
+        return 0 if cache is None else cache.k_cache.nbytes + cache.v_cache.nbytes
+
+    @property
     def batching(self) -> dict[str, Any]:
         """/health's view of the batching: on or off (and why), its limits, what its steps held."""
         w = self.worker
         if self.batch_stats is None:
             return {"enabled": False, "reason": self.batching_off_reason, "max_num_seqs": 1}
         return {"enabled": True, "max_num_seqs": w.scheduler.max_num_seqs,
-                "max_batch_tokens": w.scheduler.max_batch_tokens, **self.batch_stats.summary()}  # fmt: skip
+                "max_batch_tokens": w.scheduler.max_batch_tokens, "kv_cache_bytes": self.batch_cache_bytes,
+                **self.batch_stats.summary()}  # fmt: skip
 
     # ---- request checks -----------------------------------------------------------------------
     def check_model(self, model: str) -> None:

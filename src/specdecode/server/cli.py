@@ -91,7 +91,8 @@ def serve(
     if state.batch_stats is not None:
         typer.secho(
             f"continuous batching: up to {state.batch_stats.max_num_seqs} requests at once, "
-            f"{state.batch_stats.max_batch_tokens} tokens per step", err=True, fg=typer.colors.CYAN,
+            f"{state.batch_stats.max_batch_tokens} tokens per step (KV cache {state.batch_cache_bytes / 2**30:.2f} GiB)",
+            err=True, fg=typer.colors.CYAN,
         )  # fmt: skip
     else:
         typer.secho(f"one request at a time: {state.batching_off_reason}", err=True, fg=typer.colors.YELLOW)
