@@ -422,6 +422,63 @@ def test_failed_step_is_contained(slow, reference):
     assert _health(url)["status"] == "ok" and _health(url)["batching"]["enabled"] is True
 
 
+def test_failed_step_blames_only_its_request(engine, reference, monkeypatch, caplog):
+    """A step that raises because of one request (a bug hit by its prompt): the requests beside it
+    are replayed one at a time and finish with their lone answers (streams without repeating
+    text); only that request gets the error."""
+    from specdecode.batching import BatchScheduler
+    from specdecode.server import create_app
+
+    poisoned, real = engine.encode("Lily and Ben"), BatchScheduler.step
+
+    def step(self):
+        time.sleep(0.01)
+        if any(r.prompt_ids == poisoned for r in self.waiting + self.running):
+            raise RuntimeError("simulated bug hit by one request")
+        return real(self)
+
+    monkeypatch.setattr(BatchScheduler, "step", step)
+    app = create_app(engine, model_name="m", max_num_seqs=4, max_batch_tokens=16)
+    served = _Served(app)
+    url, results = served.url, {}
+
+    def send(name: str, prompt: str, n: int, stream: bool, **kw) -> None:
+        body = {"model": "m", "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": stream, **kw}
+        if stream:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+                results[name] = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        else:
+            results[name] = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+
+    others = [threading.Thread(target=send, args=("a", PROMPTS[0], 60, True)),
+              threading.Thread(target=send, args=("b", PROMPTS[1], 60, False)),
+              threading.Thread(target=send, args=("s", PROMPTS[2], 40, True), kwargs={"temperature": 0.8, "seed": 3})]  # fmt: skip
+    try:
+        with caplog.at_level(logging.WARNING, logger="specdecode.server"):
+            for t in others:
+                t.start()
+            _wait_for(lambda: _health(url)["running"] == 3)
+            time.sleep(0.2)  # the streams have sent text by now
+            send("c", "Lily and Ben", 20, False)
+            for t in others:
+                t.join(60)
+        assert results["c"].status_code == 500 and "simulated bug" in results["c"].json()["error"]["message"]
+        assert any("replaying its 4 requests" in r.getMessage() for r in caplog.records)
+        a_events, s_events = results["a"], results["s"]
+        assert not any("error" in e for e in a_events + s_events)
+        assert "".join(e["choices"][0]["text"] for e in a_events if e["choices"]) == reference(PROMPTS[0], 60).text
+        assert a_events[-1]["choices"][0]["finish_reason"] == "length"
+        want = reference(PROMPTS[2], 40, 0.8, seed=3).text
+        assert "".join(e["choices"][0]["text"] for e in s_events if e["choices"]) == want
+        assert results["b"].status_code == 200 and results["b"].json()["choices"][0]["text"] == reference(PROMPTS[1], 60).text
+        health = _health(url)
+        assert health["status"] == "ok" and health["running"] == 0 and health["batching"]["enabled"] is True
+        r = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": PROMPTS[3], "max_tokens": 8, "temperature": 0}, timeout=30)  # fmt: skip
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference(PROMPTS[3], 8).text
+    finally:
+        served.close()
+
+
 def test_refused_request_fails_alone(slow, engine, reference):
     """A request the scheduler refuses when it joins fails with 400; the one beside it does not."""
     from specdecode.errors import InvalidArgument

@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,11 @@ class Job:
         self.submitted_at = time.perf_counter()
         self.started_at: float | None = None  # the worker took it
         self.first_piece_at: float | None = None
+        # Continuous batching (BatchWorker): the text sent to the client, the text a replay must
+        # repeat without sending it, and whether the job was answered while its request leaves.
+        self.sent = ""
+        self.skip = ""
+        self.answered = False
 
     def emit(self, kind: str, value: Any = None) -> None:
         try:
@@ -199,9 +205,15 @@ class BatchWorker(Worker):
     slot, so ``queue_length`` still counts requests waiting for a slot (and a full queue still
     answers 429). Requests join and leave at step boundaries: a job whose client left is
     cancelled before the next step, which frees its slot. Each step's text goes to its job as it
-    comes (streamed jobs get it piece by piece). A request the engine refuses fails alone; a step
-    that raises fails the requests in the scheduler then (their caches are in an unknown state),
-    the scheduler is rebuilt, and the requests still queued go on.
+    comes (streamed jobs get it piece by piece).
+
+    Errors stay with their request. A request the scheduler refuses when it joins fails alone. A
+    step that raises cannot say whose fault it was, so the scheduler is rebuilt empty and the
+    requests that were in it are replayed one at a time from their prompts (the queue waits
+    meanwhile): the one that fails alone is the culprit and gets the error; the others finish. A
+    replay sends on only the text its client has not had yet, after checking that it begins with
+    what was sent; a request that cannot be replayed exactly (a streamed one sampling without a
+    seed that has sent text already) fails with the error too.
     """
 
     def __init__(self, engine, max_queue: int, scheduler, stats=None):
@@ -209,6 +221,8 @@ class BatchWorker(Worker):
         self.scheduler = scheduler
         self.stats = stats  # metrics.BatchStats, fed after every step
         self._jobs: dict[int, tuple[Job, object]] = {}  # request id -> (job, handle)
+        self._suspects: deque[Job] = deque()  # to replay one at a time after a failed step
+        self._replaying: Job | None = None
         self._thread.name = "specdecode-batch-worker"
 
     @property
@@ -255,23 +269,35 @@ class BatchWorker(Worker):
                         self.scheduler.cancel(handle)
                 try:
                     outputs = self.scheduler.step()
-                except Exception as e:  # noqa: BLE001 - the requests of this step fail, the worker lives on
-                    log.exception("a batched step failed; failing the %d requests in the batch", len(self._jobs))
-                    self._reset(e)
+                except Exception as e:  # noqa: BLE001 - its request fails, the worker lives on
+                    self._after_failed_step(e)
                     continue
                 if self.stats is not None:
                     self.stats.observe_step(self.scheduler.last_step, self.scheduler.max_batch_tokens)
                 for out in outputs:
                     self._deliver(out)
         finally:
-            for job, _ in self._jobs.values():  # the server is going away: say so
-                job.emit("error", WorkerStopped())
+            for job in [job for job, _ in self._jobs.values() if not job.answered] + list(self._suspects):
+                job.emit("error", WorkerStopped())  # the server is going away
             self._jobs.clear()
+            self._suspects.clear()
 
     def _take_jobs(self) -> bool:
         """Move queued jobs into the scheduler while it has room (waiting for one when it has no
-        work). False when the stop sentinel came."""
+        work), or the next suspect to replay alone. False when the stop sentinel came."""
         s = self.scheduler
+        if self._replaying is not None or self._suspects:
+            if s.has_work:
+                return True  # a replay runs alone
+            self._replaying = None
+            while self._suspects and self._replaying is None:
+                job = self._suspects.popleft()
+                if job.cancelled.is_set():
+                    self._left(job)
+                elif self._admit(job, replay=True):
+                    self._replaying = job
+            if self._replaying is not None:
+                return True
         while len(s.running) + len(s.waiting) < s.max_num_seqs:
             try:
                 job = self._queue.get() if not s.has_work else self._queue.get_nowait()
@@ -287,7 +313,7 @@ class BatchWorker(Worker):
             self._admit(job)
         return True
 
-    def _admit(self, job: Job) -> None:
+    def _admit(self, job: Job, replay: bool = False) -> bool:
         r = job.request
         try:
             prompt_ids = encode(self.engine, r.prompt)
@@ -300,36 +326,76 @@ class BatchWorker(Worker):
             if not isinstance(e, InvalidArgument):
                 log.exception("generation failed")
             job.emit("error", e)
-            return
-        job.started_at = time.perf_counter()
+            return False
         self._jobs[handle.id] = (job, handle)
-        job.emit("start", (len(prompt_ids), max_tokens))
+        if not replay:
+            job.started_at = time.perf_counter()
+            job.emit("start", (len(prompt_ids), max_tokens))
+        return True
 
     def _deliver(self, out) -> None:
         entry = self._jobs.get(out.request.id)
         if entry is None:  # pragma: no cover - every request in the scheduler has a job
             return
         job, handle = entry
-        if out.text and job.first_piece_at is None:
+        if job.answered:  # dropped already (an error was sent); its request is leaving
+            if out.finished:
+                del self._jobs[out.request.id]
+            return
+        text = out.text
+        if job.skip and text:  # a replay: what the client has had already must come again
+            n = min(len(text), len(job.skip))
+            if text[:n] != job.skip[:n]:
+                return self._drop(job, handle, RuntimeError("a replayed request diverged from the text it had sent"))
+            job.skip, text = job.skip[n:], text[n:]
+        if text and job.first_piece_at is None:
             job.first_piece_at = time.perf_counter()
-        if out.text and job.request.stream and not job.cancelled.is_set():
-            job.emit("piece", out.text)
+        if text and job.request.stream and not job.cancelled.is_set():
+            job.emit("piece", text)
+            job.sent += text
         if not out.finished:
             return
         del self._jobs[out.request.id]
         result = handle.result
         if result.finish_reason == "cancelled":
-            if job.stopped_by_server:
-                job.emit("error", WorkerStopped())
-            else:  # the client is gone
-                self.cancelled_total += 1
-            return
-        job.emit("done", result)
+            self._left(job)
+        elif job.skip:
+            job.emit("error", RuntimeError("a replayed request diverged from the text it had sent"))
+        else:
+            job.emit("done", result)
 
-    def _reset(self, error: Exception) -> None:
-        """After a failed step: fail its requests and start over with an empty scheduler."""
-        for job, _ in self._jobs.values():
-            job.emit("error", error)
+    def _left(self, job: Job) -> None:
+        """A job that ended because it was cancelled: by its client, or by the server stopping."""
+        if job.stopped_by_server:
+            job.emit("error", WorkerStopped())
+        else:  # the client is gone
+            self.cancelled_total += 1
+
+    def _drop(self, job: Job, handle, error: Exception) -> None:
+        self.scheduler.cancel(handle)  # it leaves at the next step, its output going nowhere
+        job.answered = True
+        job.emit("error", error)
+
+    def _after_failed_step(self, error: Exception) -> None:
+        """Rebuild the scheduler; fail the step's request when it ran alone, else replay them all
+        one at a time (see the class docstring)."""
+        jobs = [job for job, _ in self._jobs.values() if not job.answered]
         self._jobs.clear()
         old = self.scheduler
         self.scheduler = type(old)(self.engine, max_num_seqs=old.max_num_seqs, max_batch_tokens=old.max_batch_tokens)
+        if len(jobs) <= 1:
+            log.error("a batched step failed; its one request fails", exc_info=error)
+            self._replaying = None
+            for job in jobs:
+                job.emit("error", error)
+            return
+        log.warning("a batched step failed (%s: %s); replaying its %d requests one at a time to find the one at fault",
+                    type(error).__name__, error, len(jobs))  # fmt: skip
+        for job in jobs:
+            r = job.request
+            if job.sent and not (r.temperature == 0 or r.seed is not None):  # cannot repeat what it sent
+                job.emit("error", error)
+            else:
+                job.skip = job.sent
+                self._suspects.append(job)
+
