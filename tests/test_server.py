@@ -457,7 +457,7 @@ def slow(stories_path):
     from specdecode.server import create_app
 
     engine = SlowEngine(Engine.from_pretrained(stories_path, "vanilla", progress=False), delay=0.02)
-    app = create_app(engine, model_name="slow", max_queue=1)
+    app = create_app(engine, model_name="slow", max_queue=1, max_num_seqs=1)  # one at a time: the wrapper's stream
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

@@ -96,7 +96,7 @@ def live(chat_model):
     from specdecode.server import create_app
 
     engine = HeldEngine(Engine.from_pretrained(chat_model, "vanilla", progress=False))
-    app = create_app(engine, model_name="m", max_queue=4, max_body_bytes=MAX_BODY)
+    app = create_app(engine, model_name="m", max_queue=4, max_body_bytes=MAX_BODY, max_num_seqs=1)  # the wrapper's stream
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

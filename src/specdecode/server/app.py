@@ -1,4 +1,6 @@
-"""The FastAPI app: OpenAI-compatible endpoints over one engine and one worker thread.
+"""The FastAPI app: OpenAI-compatible endpoints over one engine and one worker thread (which
+decodes up to ``max_num_seqs`` requests together with the continuous-batching scheduler, or one at
+a time; worker.py).
 
 Flow of a generation request: check the API key, read the body (413 past ``max_body_bytes``, a
 client hanging up meanwhile is a 499), parse and validate it (pydantic), check the model name,
@@ -28,16 +30,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..errors import InvalidArgument
-from .metrics import Metrics
+from .metrics import BatchStats, Metrics
 from .prompts import PromptEncoder, fit_max_tokens
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, Formatter, speculative, validation_error
-from .worker import GenerationRequest, Job, QueueFull, Worker, WorkerStopped
+from .worker import BatchWorker, GenerationRequest, Job, QueueFull, Worker, WorkerStopped
 
 log = logging.getLogger("specdecode.server")
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the context's end
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default: pass temperature=0 for greedy (and lossless-equal) output
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # a context's worth of text many times over
+DEFAULT_MAX_NUM_SEQS = 8  # requests decoded together; 1 = one at a time
 ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
 
 
@@ -46,15 +49,52 @@ class _ClientGone(Exception):
 
 
 class ServerState:
-    def __init__(self, engine, *, model_name: str, aliases: tuple[str, ...], api_key: str | None, max_queue: int):
+    def __init__(
+        self, engine, *, model_name: str, aliases: tuple[str, ...], api_key: str | None, max_queue: int,
+        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, max_batch_tokens: int | None = None,
+    ):  # fmt: skip
         self.engine = engine
         self.model_name = model_name
         self.model_ids = {model_name, *aliases}  # names a request may use for the one served model
         self.api_key = api_key
-        self.worker = Worker(engine, max_queue)
+        self.max_num_seqs = max_num_seqs
+        self.batch_stats: BatchStats | None = None
+        self.batching_off_reason: str | None = None  # why requests run one at a time, if they do
+        scheduler = None
+        if max_num_seqs == 1:
+            self.batching_off_reason = "--max-num-seqs 1"
+        else:
+            try:
+                scheduler = engine.batch(max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens)
+            except InvalidArgument as e:  # a method or backend the scheduler refuses
+                self.batching_off_reason = str(e)
+                log.warning("continuous batching is off, requests run one at a time: %s", e)
+        if scheduler is None:
+            self.worker: Worker = Worker(engine, max_queue)
+        else:
+            self.batch_stats = BatchStats(scheduler.max_num_seqs, scheduler.max_batch_tokens)
+            self.worker = BatchWorker(engine, max_queue, scheduler, self.batch_stats)
+            log.info("continuous batching: up to %d sequences, %d tokens per step",
+                     scheduler.max_num_seqs, scheduler.max_batch_tokens)  # fmt: skip
         self.prompts = PromptEncoder(engine)
         self.metrics = Metrics(model_name, engine.method)
         self.started = int(time.time())
+
+    @property
+    def batch_cache_bytes(self) -> int:
+        """The batched KV cache's size (every slot holds the whole context), 0 when not batching."""
+        cache = getattr(getattr(self.worker, "scheduler", None), "cache", None)
+        return 0 if cache is None else cache.k_cache.nbytes + cache.v_cache.nbytes
+
+    @property
+    def batching(self) -> dict[str, Any]:
+        """/health's view of the batching: on or off (and why), its limits, what its steps held."""
+        w = self.worker
+        if self.batch_stats is None:
+            return {"enabled": False, "reason": self.batching_off_reason, "max_num_seqs": 1}
+        return {"enabled": True, "max_num_seqs": w.scheduler.max_num_seqs,
+                "max_batch_tokens": w.scheduler.max_batch_tokens, "kv_cache_bytes": self.batch_cache_bytes,
+                **self.batch_stats.summary()}  # fmt: skip
 
     # ---- request checks -----------------------------------------------------------------------
     def check_model(self, model: str) -> None:
@@ -304,16 +344,30 @@ def create_app(
     api_key: str | None = None,
     max_queue: int = 64,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+    max_batch_tokens: int | None = None,
 ) -> FastAPI:
     """An app serving ``engine`` (loaded once); its worker thread runs while the app does.
-    Request bodies over ``max_body_bytes`` are refused with 413."""
+    Request bodies over ``max_body_bytes`` are refused with 413.
+
+    With ``max_num_seqs`` > 1 up to that many requests are decoded together by the engine's
+    continuous-batching scheduler (``Engine.batch``; ``max_batch_tokens`` per step, default from
+    the target's cost model). Methods and backends the scheduler refuses (sps, swift, quant,
+    rest, auto; the hf backend) run one request at a time, as ``max_num_seqs=1`` does; /health
+    says which and why."""
     if max_queue < 1:
         raise InvalidArgument("max_queue", f"expected an integer >= 1, got {max_queue!r}")
+    if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+        raise InvalidArgument("max_num_seqs", f"expected an integer >= 1, got {max_num_seqs!r}")
+    if max_batch_tokens is not None and (
+        isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1
+    ):
+        raise InvalidArgument("max_batch_tokens", f"expected an integer >= 1, got {max_batch_tokens!r}")
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise InvalidArgument("max_body_bytes", f"expected an integer >= 1, got {max_body_bytes!r}")
     state = ServerState(
         engine, model_name=model_name or engine.model_name, aliases=aliases, api_key=api_key or None,
-        max_queue=max_queue,
+        max_queue=max_queue, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
     )  # fmt: skip
 
     @asynccontextmanager
@@ -401,13 +455,14 @@ def create_app(
         w = state.worker
         body = {"status": "ok" if w.alive else "unavailable", "model": state.model_name, "method": engine.method,
                 "verify": engine.verify.describe(), "lossy": engine.verify.lossy,
-                "queue_length": w.queue_length, "running": int(w.busy)}  # fmt: skip
+                "queue_length": w.queue_length, "running": w.running, "batching": state.batching}  # fmt: skip
         return JSONResponse(body, status_code=200 if w.alive else 503)
 
     @app.get("/metrics")
     async def metrics():
         w = state.worker
-        text = state.metrics.render(queue_length=w.queue_length, running=int(w.busy), cancelled=w.cancelled_total)
+        text = state.metrics.render(queue_length=w.queue_length, running=w.running, cancelled=w.cancelled_total,
+                                    batch=state.batch_stats)  # fmt: skip
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.add_middleware(_CountRequests, metrics=state.metrics)

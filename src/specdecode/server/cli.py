@@ -35,6 +35,15 @@ def serve(
     max_body_bytes: int = typer.Option(
         4 * 1024 * 1024, min=1, help="Largest request body accepted, in bytes; larger ones get 413."
     ),
+    max_num_seqs: int = typer.Option(
+        8, min=1, help="Requests decoded together by the continuous-batching scheduler (default 8); "
+        "1 = one at a time. Methods the scheduler refuses (sps, swift, quant, rest, auto) and the hf backend "
+        "run one at a time whatever this says.",
+    ),  # fmt: skip
+    max_batch_tokens: Optional[int] = typer.Option(
+        None, min=1, help="Token budget of one batched step: the running requests' roots, drafts and prompt "
+        "chunks (default: where the target's forward costs twice a one-token forward, from its cost model).",
+    ),  # fmt: skip
     served_model_name: Optional[str] = typer.Option(
         None, help="The model name clients use (default: the --model folder's name)."
     ),
@@ -66,7 +75,8 @@ def serve(
         aliases = tuple({model, os.path.basename(os.path.normpath(model))} - {served_model_name})
         app = create_app(
             engine, model_name=served_model_name or engine.model_name, aliases=aliases, api_key=api_key,
-            max_queue=max_queue, max_body_bytes=max_body_bytes,
+            max_queue=max_queue, max_body_bytes=max_body_bytes, max_num_seqs=max_num_seqs,
+            max_batch_tokens=max_batch_tokens,
         )  # fmt: skip
     except (SpecDecodeError, TypeError) as e:
         fail(str(e))
@@ -77,6 +87,15 @@ def serve(
         + (" (API key required)" if api_key else ""),
         err=True, fg=typer.colors.CYAN,
     )  # fmt: skip
+    state = app.state.server
+    if state.batch_stats is not None:
+        typer.secho(
+            f"continuous batching: up to {state.batch_stats.max_num_seqs} requests at once, "
+            f"{state.batch_stats.max_batch_tokens} tokens per step (KV cache {state.batch_cache_bytes / 2**30:.2f} GiB)",
+            err=True, fg=typer.colors.CYAN,
+        )  # fmt: skip
+    else:
+        typer.secho(f"one request at a time: {state.batching_off_reason}", err=True, fg=typer.colors.YELLOW)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
