@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--questions", default=str(default_questions_path()))
     ap.add_argument("--per-subtask", type=int, default=17, help="questions per subtask (6 subtasks)")
+    ap.add_argument("--offset", type=int, default=0, help="skip the first N questions of each subtask")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--methods", default="vanilla,pld,swift")
     ap.add_argument("--draft-model", default=None, help="for sps")
@@ -86,9 +87,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
     options = {"sps": {"draft_model": args.draft_model}} if args.draft_model else {}
-    questions = select(load_questions(args.questions), list(SUBTASKS), args.per_subtask)
+    questions = select(load_questions(args.questions), list(SUBTASKS), args.per_subtask, args.offset)
     report = {"model": args.model, "machine": machine(), "date": dt.date.today().isoformat(),
-              "max_new_tokens": args.max_new_tokens, "results": {}}  # fmt: skip
+              "max_new_tokens": args.max_new_tokens, "question_ids": [q.question_id for q in questions],
+              "results": {}}  # fmt: skip
     for dtype in args.dtypes.split(","):
         print(f"{dtype}:", file=sys.stderr)
         engine = Engine.from_pretrained(args.model, "vanilla", dtype=dtype, progress=False)

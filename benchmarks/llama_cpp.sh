@@ -8,6 +8,8 @@
 #   plain    llama-completion, greedy; decode speed = its "eval time" line (prompt excluded)
 #   lookup   llama-lookup (n-gram lookup decoding, draft up to 10 tokens, as hf-pld); decode
 #            speed = its "decoded N tokens in T seconds" line (prompt excluded)
+#   tg       llama-bench's text-generation test (tg MAX_NEW after an empty prompt, 3 repeats):
+#            the number llama.cpp users quote (mode "tg" in --modes)
 # Writes $WORK/results.json (per model file, mode and question) and prints a table of the mean
 # decode tokens/s per subtask. Compare with the "decode tok/s" column of our bench report.
 #
@@ -25,7 +27,7 @@ OFFSET=0
 MAX_NEW=128
 THREADS=2
 TYPES="BF16 Q8_0 Q4_K_M"
-MODES="plain lookup"
+MODES="tg plain lookup"
 WORK=${LLAMA_CPP_WORK:-bench_out/llama.cpp}
 VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 PY=${PYTHON:-python}
@@ -63,7 +65,7 @@ if [[ ! -x $BIN/llama-lookup || ! -x $BIN/llama-completion || ! -x $BIN/llama-qu
   echo "llama_cpp.sh: building llama.cpp (a few minutes)" >&2
   cmake -S "$SRC" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >&2
-  cmake --build "$SRC/build" -j "$(nproc)" --target llama-lookup llama-completion llama-quantize >&2
+  cmake --build "$SRC/build" -j "$(nproc)" --target llama-lookup llama-completion llama-quantize llama-bench >&2
 fi
 
 # ---- model ---------------------------------------------------------------------------------------
@@ -121,6 +123,14 @@ RESULTS="$WORK/results-$NAME.jsonl"
 for t in $TYPES; do
   f="$WORK/$NAME-$t.gguf"
   for mode in $MODES; do
+    if [[ $mode == tg ]]; then
+      log="$WORK/log-$NAME-$t-tg.txt"
+      "$BIN/llama-bench" -m "$f" -t "$THREADS" -p 0 -n "$MAX_NEW" -r 3 -o json >"$log" 2>/dev/null || true
+      speed=$("$PY" -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r[0]["avg_ts"])' "$log" 2>/dev/null || echo null)
+      echo "{\"model\": \"$NAME\", \"type\": \"$t\", \"mode\": \"tg\", \"question\": \"tg$MAX_NEW-overall\", \"decode_tokens_per_second\": $speed}" >>"$RESULTS"
+      echo "$t tg$MAX_NEW: $speed tok/s" >&2
+      continue
+    fi
     for p in "$PROMPTS"/*.txt; do
       q=$(basename "$p" .txt)
       log="$WORK/log-$NAME-$t-$mode-$q.txt"
@@ -157,7 +167,7 @@ speeds = defaultdict(list)
 for r in rows:
     if r["decode_tokens_per_second"] is not None:
         subtask = r["question"].split("-", 1)[1]
-        for key in (subtask, "overall"):
+        for key in dict.fromkeys((subtask, "overall")):
             speeds[(r["type"], r["mode"], key)].append(r["decode_tokens_per_second"])
 cols = [s for s in SUBTASKS if any(k[2] == s for k in speeds)] + ["overall"]
 print(f"llama.cpp decode tokens/s (prompt excluded), {sys.argv[2]} threads, {cpu_model()}")

@@ -66,7 +66,7 @@ def test_confidence_decides_where_the_drafter_gives_it():
 def test_budget_weighs_the_drafting_cost():
     sizing = PayoffSizing(CostModel.from_curve(CPU_LIKE))
     _teach(sizing, 0.7)
-    sizing.draft_cost, sizing._draft_samples = 0.002, 10  # a cheap model drafter
+    sizing.draft_cost = 0.002  # a cheap model drafter
     cheap = sizing.budget(100)
     sizing.draft_cost = 0.009  # a draft token costs nearly a forward
     assert 0 < cheap and sizing.budget(100) < cheap
@@ -163,3 +163,23 @@ def test_the_budget_learns_from_drafters_that_give_confidences():
         sizing.record(StepRecord(100, Draft(), Draft(), [], 1, 0.0, sizing.cost.forward(1, 100)))
     assert sizing.acceptance.depth_rates(4)[3] > 0.9
     assert sizing.budget(100) >= 4  # a draft token at 0.4 of a forward, accepted always: worth a long draft
+
+
+def test_one_slow_drafting_step_does_not_keep_a_drafter_off():
+    """A first call's warm-up (seconds) must not dominate the drafter's cost per token: the
+    cost is the median of recent steps, and probes still draft when the guard has measured
+    drafting as the faster arm."""
+    sizing = PayoffSizing(CostModel.from_curve(CPU_LIKE))
+    draft = Draft.chain(list(range(4)), confidence=[0.97] * 4)
+    sizing.record(StepRecord(100, draft, draft, [0, 1, 2, 3], 5, 4 * 2.0, sizing.cost.forward(5, 100)))  # 2 s a token
+    for _ in range(4):
+        sizing.record(StepRecord(100, draft, draft, [0, 1, 2, 3], 5, 4 * 0.003, sizing.cost.forward(5, 100)))
+    assert sizing.draft_cost == pytest.approx(0.003)
+    drafted = 0
+    for _ in range(48):  # the loop: each step's outcome recorded
+        if sizing.budget(100) > 0:
+            drafted += 1
+            sizing.record(StepRecord(100, draft, draft, [0, 1, 2, 3], 5, 4 * 0.003, sizing.cost.forward(5, 100)))
+        else:
+            sizing.record(StepRecord(100, Draft(), Draft(), [], 1, 0.0, sizing.cost.forward(1, 100)))
+    assert drafted >= 36  # after the guard's first plain steps, drafting (measured faster) wins

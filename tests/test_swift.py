@@ -201,7 +201,7 @@ def test_fallback_decodes_plainly_while_drafting_does_not_pay(stories_path):
     proposes nothing except on probes, and the output is still plain greedy decoding."""
     engine = Engine.from_pretrained(stories_path, "swift", optimize=False, progress=False)
     payoff = engine.drafter.payoff
-    for _ in range(payoff.min_samples):
+    for _ in range(payoff.window):  # a whole window: the real probes' times cannot outvote it here
         payoff.record(True, 1, 10.0)
     ref = hf_greedy(str(stories_path), encode(stories_path, STORY_PROMPTS[1]), 100)
     got = engine.generate(STORY_PROMPTS[1], max_new_tokens=100)
@@ -214,7 +214,7 @@ def test_fallback_decodes_plainly_while_drafting_does_not_pay(stories_path):
 def test_fallback_keeps_drafting_when_it_pays(stories_path):
     engine = Engine.from_pretrained(stories_path, "swift", optimize=False, progress=False)
     payoff = engine.drafter.payoff
-    for _ in range(payoff.min_samples):
+    for _ in range(payoff.window):
         payoff.record(False, 1, 10.0)  # plain steps measured as very slow
     got = engine.generate(STORY_PROMPTS[1], max_new_tokens=100)
     assert 0 < got.stats.method["plain_steps"] <= got.stats.target_forwards // payoff.probe_interval + 1

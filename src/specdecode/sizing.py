@@ -19,6 +19,8 @@ sampled.
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass
 
 from .costmodel import CostModel
@@ -28,6 +30,8 @@ from .errors import InvalidArgument
 
 SIZINGS = ("payoff", "adaptive", "fixed")
 PROBE_INTERVAL = 16  # every this many steps, a draft is tried even where it seems not to pay
+PROBE_PHASE = PROBE_INTERVAL // 2  # half-way between the guard's probes (see _probing)
+DRAFT_COST_WINDOW = 16  # a drafter's cost per token: the median of its last this many steps
 
 
 @dataclass
@@ -125,11 +129,28 @@ class PayoffSizing:
         self.probe_draft = min(probe_draft, maximum)
         self.acceptance = AcceptanceModel()
         self.guard: DraftingPayoff | None = DraftingPayoff()  # None: trust the cost model alone
-        self.draft_cost = 0.0  # seconds per proposed token, decayed average
-        self._draft_samples = 0
+        self._draft_costs: deque[float] = deque(maxlen=DRAFT_COST_WINDOW)  # seconds per proposed token
+        self._draft_cost: float | None = None  # set by hand (tests); else the median above
         self.steps = 0
         self.plain_steps = 0
         self.name = "payoff"
+
+    @property
+    def draft_cost(self) -> float:
+        """Seconds per proposed token: the median of the recent drafting steps, so that one slow
+        step (a first call's warm-up, a hiccup of the machine) cannot keep a drafter off."""
+        if self._draft_cost is not None:
+            return self._draft_cost
+        return statistics.median(self._draft_costs) if self._draft_costs else 0.0
+
+    @draft_cost.setter
+    def draft_cost(self, seconds: float) -> None:
+        self._draft_cost = seconds
+
+    @property
+    def _draft_samples(self) -> int:
+        """Drafting steps the cost is known from (a cost set by hand counts as one)."""
+        return len(self._draft_costs) + (self._draft_cost is not None)
 
     @property
     def cost(self) -> CostModel:
@@ -166,7 +187,10 @@ class PayoffSizing:
         return best_k
 
     def _probing(self) -> bool:
-        return self.steps > 0 and self.steps % PROBE_INTERVAL == 0
+        # Off the guard's probe steps: when the guard has measured drafting as the faster arm,
+        # its probes are plain steps, and a sizing probe there would never draft, so a budget
+        # stuck at zero (pessimistic estimates) would never be corrected.
+        return self.steps > 0 and self.steps % PROBE_INTERVAL == PROBE_PHASE
 
     def path_probabilities(self, draft: Draft) -> list[float]:
         depths = draft.depths()
@@ -196,9 +220,7 @@ class PayoffSizing:
     def record(self, step: StepRecord) -> None:
         self.cost.observe(len(step.verified) + 1, step.context, step.verify_seconds)
         if len(step.proposed):
-            per_token = step.draft_seconds / len(step.proposed)
-            self._draft_samples += 1
-            self.draft_cost = per_token if self._draft_samples == 1 else 0.9 * self.draft_cost + 0.1 * per_token
+            self._draft_costs.append(step.draft_seconds / len(step.proposed))
         drafted = len(step.proposed) > 0
         if not drafted:
             self.plain_steps += 1

@@ -7,7 +7,7 @@ reads ~60% of the weights, while its first token is accepted ~40% of the time; d
 makes decoding slower than plain decoding. Which side of the line a model falls on depends on
 the model, the text and the hardware, so it is measured, not assumed.
 
-Two arms, each with exponentially decayed sums of the tokens it emitted and the seconds it took:
+Two arms, each with the tokens it emitted and the seconds it took over its recent steps:
 drafting steps (draft + verification) and plain steps (an empty draft: one target forward, one
 token, exactly vanilla decoding). The faster arm is used; the other is retried every
 ``probe_interval`` steps so that a change (easier text, a better skip set) is noticed. Both arms
@@ -16,32 +16,44 @@ are lossless, so the choice changes the speed only, never the output.
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
+
 
 class _Arm:
-    def __init__(self) -> None:
-        self.tokens = 0.0
-        self.seconds = 0.0
+    """An arm's recent steps. Its rate is tokens / seconds over the last ``window`` steps,
+    leaving out steps that took more than ``OUTLIER`` times the median step: one slow step (a
+    kernel's first call, a hiccup of a shared machine) must not decide for dozens of steps."""
+
+    OUTLIER = 4.0
+
+    def __init__(self, window: int = 16) -> None:
+        self.steps: deque[tuple[int, float]] = deque(maxlen=window)
         self.samples = 0
 
-    def add(self, tokens: int, seconds: float, decay: float) -> None:
-        self.tokens = self.tokens * decay + tokens
-        self.seconds = self.seconds * decay + seconds
+    def add(self, tokens: int, seconds: float) -> None:
+        self.steps.append((tokens, seconds))
         self.samples += 1
 
     @property
     def rate(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+        if not self.steps:
+            return float("inf")
+        limit = self.OUTLIER * statistics.median(s for _, s in self.steps)
+        kept = [(t, s) for t, s in self.steps if s <= limit]
+        seconds = sum(s for _, s in kept)
+        return sum(t for t, _ in kept) / seconds if seconds > 0 else float("inf")
 
 
 class DraftingPayoff:
     """Chooses, step by step, between drafting and plain decoding by measured tokens/second."""
 
-    def __init__(self, *, decay: float = 0.9, probe_interval: int = 16, min_samples: int = 4):
-        self.decay = decay
+    def __init__(self, *, window: int = 16, probe_interval: int = 16, min_samples: int = 4):
+        self.window = window
         self.probe_interval = probe_interval
         self.min_samples = min_samples
-        self.drafting = _Arm()
-        self.plain = _Arm()
+        self.drafting = _Arm(window)
+        self.plain = _Arm(window)
         self.step = 0
         self.plain_steps = 0  # steps decoded plainly (for statistics)
 
@@ -59,11 +71,11 @@ class DraftingPayoff:
     def record(self, drafted: bool, tokens: int, seconds: float) -> None:
         """A step's outcome: ``tokens`` emitted in ``seconds`` (drafting and verification)."""
         if drafted:
-            self.drafting.add(tokens, seconds, self.decay)
+            self.drafting.add(tokens, seconds)
         else:
-            self.plain.add(tokens, seconds, self.decay)
+            self.plain.add(tokens, seconds)
             self.plain_steps += 1
 
     def forget_drafting(self) -> None:
         """The draft changed (a new skip set): its old measurements no longer apply."""
-        self.drafting = _Arm()
+        self.drafting = _Arm(self.window)
