@@ -137,11 +137,11 @@ for t in $TYPES; do
       common=(-m "$f" -f "$p" -n "$MAX_NEW" -t "$THREADS" -c 8192 --temp 0 --seed 0)
       if [[ $mode == plain ]]; then
         "$BIN/llama-completion" "${common[@]}" -no-cnv --no-display-prompt </dev/null >"$log" 2>&1 || true
-        speed=$(grep -E "^\s*(llama_perf_context_print|common_perf_print).*\beval time" "$log" | grep -v prompt |
+        speed=$( (grep -E "(llama_perf_context_print|common_perf_print): +eval time" "$log" || true) |
           sed -E 's/.*, *([0-9.]+) tokens per second.*/\1/' | tail -1)
       else
         "$BIN/llama-lookup" "${common[@]}" --spec-draft-n-max 10 </dev/null >"$log" 2>&1 || true
-        speed=$(grep -E "decoded +[0-9]+ tokens in" "$log" | sed -E 's/.*speed: *([0-9.]+) t\/s.*/\1/' | tail -1)
+        speed=$( (grep -E "decoded +[0-9]+ tokens in" "$log" || true) | sed -E 's/.*speed: *([0-9.]+) t\/s.*/\1/' | tail -1)
       fi
       if [[ -z $speed ]]; then
         echo "llama_cpp.sh: no speed in $log (last lines follow)" >&2
