@@ -100,17 +100,18 @@ class Memory:
     @classmethod
     def _reset_hwm(cls) -> bool:
         """Reset the kernel's peak-RSS mark, and say whether that really works here: some
-        kernels and sandboxes accept the write and keep the old peak, so a 32 MiB spike is
-        touched, freed, and the mark must come down after the reset."""
+        kernels and sandboxes accept the write and keep the old peak, so a 96 MiB spike is
+        touched, freed, and the mark must come down after the reset. (Above glibc's largest
+        mmap threshold, 32 MiB, so the spike is fresh memory, never reused resident heap.)"""
         if not cls._write_reset():
             return False
-        spike = torch.ones(32 << 20, dtype=torch.uint8)  # touched: resident
+        spike = torch.ones(96 << 20, dtype=torch.uint8)  # touched: resident
         del spike
         before = cls._status_bytes("VmHWM:")
         if not cls._write_reset():
             return False
         after = cls._status_bytes("VmHWM:")
-        return before is not None and after is not None and before - after > 16 << 20
+        return before is not None and after is not None and before - after > 48 << 20
 
     @staticmethod
     def _write_reset() -> bool:
