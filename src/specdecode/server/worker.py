@@ -134,6 +134,10 @@ class Worker:
         if current is not None:
             current.stopped_by_server = True
             current.cancel()
+        self._close_queue(timeout)
+
+    def _close_queue(self, timeout: float) -> None:
+        """Tell the jobs still waiting that the server is going away, then end the thread."""
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -238,19 +242,7 @@ class BatchWorker(Worker):
         for job, _ in list(self._jobs.values()):
             job.stopped_by_server = True
             job.cancel()
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.emit("error", WorkerStopped())
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:  # pragma: no cover
-            pass
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        self._close_queue(timeout)
 
     # ---- worker-thread side -------------------------------------------------------------------
     def _loop(self) -> None:
