@@ -367,7 +367,7 @@ class BatchScheduler:
                 g = min(len(plans[r.id].proposed), left)
                 grants[r.id], left = g, left - g
         # The rest, one node at a time, where the next node is most likely to be accepted.
-        path_probs = {r.id: self._path_probabilities(r, plans[r.id].proposed) for r in decoding if not r.seeded_sampling}
+        path_probs = {r.id: r.acceptance.path_probabilities(plans[r.id].proposed) for r in decoding if not r.seeded_sampling}
         heap = [(-probs[0], r_id) for r_id, probs in path_probs.items() if probs]
         heapq.heapify(heap)
         while left > 0 and heap:
@@ -393,15 +393,6 @@ class BatchScheduler:
             prefill_budget -= n
             out.append(_Plan(r, "prefill", ids=r.prompt_ids[r.prefilled : r.prefilled + n]))
         return out
-
-    def _path_probabilities(self, req: BatchRequest, draft: Draft) -> list[float]:
-        depths = draft.depths()
-        probs: list[float] = []
-        for i, parent in enumerate(draft.parents):
-            conf = draft.confidence[i] if draft.confidence else None
-            a = req.acceptance.estimate(conf, depths[i])
-            probs.append(a * (probs[parent] if parent >= 0 else 1.0))
-        return probs
 
     def _segment(self, plan: _Plan) -> Segment:
         req = plan.request

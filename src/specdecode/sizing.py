@@ -113,6 +113,15 @@ class AcceptanceModel:
             c[0] = c[0] * self.decay + accepted
             c[1] = c[1] * self.decay + 1
 
+    def path_probabilities(self, draft: Draft) -> list[float]:
+        """Each node's probability of being accepted with all its ancestors."""
+        depths = draft.depths()
+        probs: list[float] = []
+        for i, p in enumerate(draft.parents):
+            conf = draft.confidence[i] if draft.confidence else None
+            probs.append(self.estimate(conf, depths[i]) * (probs[p] if p >= 0 else 1.0))
+        return probs
+
     def depth_rates(self, depths: int) -> list[float]:
         """Running acceptance at depths 1..``depths`` (for the budget, before any draft exists)."""
         return [self.estimate(None, d) for d in range(1, depths + 1)]
@@ -193,13 +202,7 @@ class PayoffSizing:
         return self.steps > 0 and self.steps % PROBE_INTERVAL == PROBE_PHASE
 
     def path_probabilities(self, draft: Draft) -> list[float]:
-        depths = draft.depths()
-        probs: list[float] = []
-        for i, p in enumerate(draft.parents):
-            conf = draft.confidence[i] if draft.confidence else None
-            a = self.acceptance.estimate(conf, depths[i])
-            probs.append(a * (probs[p] if p >= 0 else 1.0))
-        return probs
+        return self.acceptance.path_probabilities(draft)
 
     def cut(self, draft: Draft, context: int) -> Draft:
         if not len(draft):
