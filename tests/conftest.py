@@ -71,6 +71,20 @@ def make_tiny_model(folder: Path, arch: str, *, seed: int = 0, vocab_size: int =
 ARCHS = ("llama", "llama3", "smollm", "mistral", "qwen2")
 
 
+def make_chat_model(folder: Path, stories_path: Path, chat_template: str) -> Path:
+    """stories260K copied to ``folder`` with a chat template (it has none), for the server tests."""
+    import json
+
+    folder.mkdir()
+    for f in stories_path.iterdir():
+        if f.is_file():
+            shutil.copy(f, folder / f.name)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def noisy_stories(tmp_path_factory, stories_path) -> Path:
     """stories260K with noise on its weights: a draft model that agrees with it only partly."""

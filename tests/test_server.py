@@ -13,7 +13,6 @@ Two servers:
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -31,6 +30,7 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 from specdecode import Engine  # noqa: E402
+from .conftest import make_chat_model  # noqa: E402
 
 torch.set_num_threads(1)  # the server subprocess gets one thread too: two cores in all
 
@@ -50,15 +50,7 @@ PROMPTS = ["Once upon a time", "The cat", "Tom had a red ball", "One day, a litt
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory, stories_path) -> Path:
     """stories260K plus a chat template (it has none), named "tinychat"."""
-    folder = tmp_path_factory.mktemp("models") / "tinychat"
-    folder.mkdir()
-    for f in stories_path.iterdir():
-        if f.is_file():
-            shutil.copy(f, folder / f.name)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config["chat_template"] = CHAT_TEMPLATE
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
+    return make_chat_model(tmp_path_factory.mktemp("models") / "tinychat", stories_path, CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import socket
 import threading
 import time
@@ -23,6 +22,7 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 from specdecode import Engine  # noqa: E402
+from .conftest import make_chat_model
 
 torch.set_num_threads(1)
 
@@ -79,15 +79,7 @@ class HeldEngine:
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory, stories_path) -> Path:
-    folder = tmp_path_factory.mktemp("models") / "tinychat"
-    folder.mkdir()
-    for f in stories_path.iterdir():
-        if f.is_file():
-            shutil.copy(f, folder / f.name)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config["chat_template"] = CHAT_TEMPLATE
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
+    return make_chat_model(tmp_path_factory.mktemp("models") / "tinychat", stories_path, CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="module")
