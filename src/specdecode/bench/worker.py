@@ -101,8 +101,9 @@ class Memory:
     def _reset_hwm(cls) -> bool:
         """Reset the kernel's peak-RSS mark, and say whether that really works here: some
         kernels and sandboxes accept the write and keep the old peak, so a 96 MiB spike is
-        touched, freed, and the mark must come down after the reset. (Above glibc's largest
-        mmap threshold, 32 MiB, so the spike is fresh memory, never reused resident heap.)"""
+        touched, freed, and the mark must come down after the reset. (A long-lived process may
+        serve the spike from freed, still-resident heap, so the probe can fail where the reset
+        works: then the bench falls back to the process peak, which is safe, never wrong.)"""
         if not cls._write_reset():
             return False
         spike = torch.ones(96 << 20, dtype=torch.uint8)  # touched: resident
