@@ -10,6 +10,9 @@ divergence. Exactness is about tokens, not time, so a busy machine only slows th
 
     python benchmarks/fidelity.py --model smollm2-135m --questions ../shared/data/spec_bench/question.jsonl \
         --per-subtask 17 --methods vanilla,pld,swift --out bench_out/fidelity-smollm2.json
+    # sps without a smaller sibling: the target drafts for itself through an int4 copy
+    python benchmarks/fidelity.py --model smollm2-135m --methods vanilla,sps --draft-model smollm2-135m \
+        --draft-quant int4 --sizing fixed ...
 """
 
 from __future__ import annotations
@@ -60,13 +63,20 @@ def compare(reference: dict[int, list[int]], outputs: dict[int, list[int]]) -> d
             "first_differences": dict(sorted(differing.items()))}  # fmt: skip
 
 
-def run_methods(engine: Engine, methods: list[str], prompts, max_new_tokens: int, options: dict) -> dict[str, dict[int, list[int]]]:
+def run_methods(engine: Engine, methods: list[str], prompts, max_new_tokens: int, options: dict,
+                drafts: dict) -> dict[str, dict[int, list[int]]]:
     outputs = {}
     for method in methods:
         e = engine if method == "vanilla" else engine.with_method(method, progress=False, **options.get(method, {}))
         t = time.perf_counter()
-        outputs[method] = {qid: e.generate(ids, max_new_tokens=max_new_tokens).token_ids for qid, _, ids in prompts}
-        print(f"  {method}: {len(prompts)} prompts in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+        results = {qid: e.generate(ids, max_new_tokens=max_new_tokens) for qid, _, ids in prompts}
+        outputs[method] = {qid: r.token_ids for qid, r in results.items()}
+        # How much speculation was tested: drafts verified, and how many were rejected.
+        verified = sum(r.stats.verified_draft_tokens for r in results.values())
+        accepted = sum(r.stats.accepted_draft_tokens for r in results.values())
+        drafts[method] = {"verified_draft_tokens": verified, "accepted_draft_tokens": accepted}
+        print(f"  {method}: {len(prompts)} prompts in {time.perf_counter() - t:.0f}s, "
+              f"{accepted}/{verified} draft tokens accepted", file=sys.stderr)
     return outputs
 
 
@@ -79,14 +89,28 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--methods", default="vanilla,pld,swift")
     ap.add_argument("--draft-model", default=None, help="for sps")
+    ap.add_argument("--draft-quant", default=None,
+                    help="for sps: quantize the draft model (int4, int8). With --draft-model set to the target "
+                         "itself this checks sps's verification where no smaller sibling exists: the int4 copy's "
+                         "drafts differ from the target's choices often enough to be rejected.")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--sizing", default=None, choices=["payoff", "adaptive", "fixed"],
+                    help="draft sizing of every method (default: the engine's, payoff). `fixed` makes a "
+                         "drafter that payoff would turn off (a self-draft through an int4 copy) draft on "
+                         "every step, so that its verification is exercised")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="bench_out/fidelity.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
-    options = {"sps": {"draft_model": args.draft_model}} if args.draft_model else {}
+    options = {m: {} for m in methods}
+    if args.draft_model:
+        options["sps"] = {"draft_model": args.draft_model, "draft_quant": args.draft_quant}
+    if args.sizing:
+        for m in methods:
+            if m != "vanilla":
+                options[m]["sizing"] = args.sizing
     questions = select(load_questions(args.questions), list(SUBTASKS), args.per_subtask, args.offset)
     report = {"model": args.model, "machine": machine(), "date": dt.date.today().isoformat(),
               "max_new_tokens": args.max_new_tokens, "question_ids": [q.question_id for q in questions],
@@ -95,7 +119,8 @@ def main() -> None:
         print(f"{dtype}:", file=sys.stderr)
         engine = Engine.from_pretrained(args.model, "vanilla", dtype=dtype, progress=False)
         prompts = prompts_for(engine, questions)
-        outputs = run_methods(engine, methods, prompts, args.max_new_tokens, options)
+        drafts: dict[str, dict] = {}
+        outputs = run_methods(engine, methods, prompts, args.max_new_tokens, options, drafts)
         if dtype in ("float32", "fp32"):
             target = engine.target
             peer = HFPeer("hf-vanilla", {}, load_hf_model(engine.model_path, torch.float32, target.device, False),
@@ -112,6 +137,7 @@ def main() -> None:
             "against": against,
             "subtasks": {s: sum(1 for _, sub, _ in prompts if sub == s) for s in SUBTASKS},
             "methods": {m: compare(reference, outputs[m]) for m in methods if not (m == "vanilla" and reference is outputs[m])},
+            "drafts": drafts,
         }
         del engine
         out = Path(args.out)  # written after each dtype: a long run keeps what it finished
