@@ -30,6 +30,7 @@ from specdecode import Engine
 from specdecode.bench.peers import HFPeer, load_hf_model
 from specdecode.bench.questions import SUBTASKS, default_questions_path, load_questions, select
 from specdecode.doctor import machine
+from specdecode.sizing import SIZINGS
 from specdecode.errors import InvalidArgument
 
 
@@ -63,9 +64,10 @@ def compare(reference: dict[int, list[int]], outputs: dict[int, list[int]]) -> d
             "first_differences": dict(sorted(differing.items()))}  # fmt: skip
 
 
-def run_methods(engine: Engine, methods: list[str], prompts, max_new_tokens: int, options: dict,
-                drafts: dict) -> dict[str, dict[int, list[int]]]:
-    outputs = {}
+def run_methods(engine: Engine, methods: list[str], prompts, max_new_tokens: int, options: dict):
+    """Each method's output token ids per question, and how many draft tokens it verified and
+    accepted (how much speculation the comparison exercised)."""
+    outputs, drafts = {}, {}
     for method in methods:
         e = engine if method == "vanilla" else engine.with_method(method, progress=False, **options.get(method, {}))
         t = time.perf_counter()
@@ -77,7 +79,7 @@ def run_methods(engine: Engine, methods: list[str], prompts, max_new_tokens: int
         drafts[method] = {"verified_draft_tokens": verified, "accepted_draft_tokens": accepted}
         print(f"  {method}: {len(prompts)} prompts in {time.perf_counter() - t:.0f}s, "
               f"{accepted}/{verified} draft tokens accepted", file=sys.stderr)
-    return outputs
+    return outputs, drafts
 
 
 def main() -> None:
@@ -94,7 +96,7 @@ def main() -> None:
                          "itself this checks sps's verification where no smaller sibling exists: the int4 copy's "
                          "drafts differ from the target's choices often enough to be rejected.")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--sizing", default=None, choices=["payoff", "adaptive", "fixed"],
+    ap.add_argument("--sizing", default=None, choices=SIZINGS,
                     help="draft sizing of every method (default: the engine's, payoff). `fixed` makes a "
                          "drafter that payoff would turn off (a self-draft through an int4 copy) draft on "
                          "every step, so that its verification is exercised")
@@ -119,8 +121,7 @@ def main() -> None:
         print(f"{dtype}:", file=sys.stderr)
         engine = Engine.from_pretrained(args.model, "vanilla", dtype=dtype, progress=False)
         prompts = prompts_for(engine, questions)
-        drafts: dict[str, dict] = {}
-        outputs = run_methods(engine, methods, prompts, args.max_new_tokens, options, drafts)
+        outputs, drafts = run_methods(engine, methods, prompts, args.max_new_tokens, options)
         if dtype in ("float32", "fp32"):
             target = engine.target
             peer = HFPeer("hf-vanilla", {}, load_hf_model(engine.model_path, torch.float32, target.device, False),
