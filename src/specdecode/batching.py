@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends.batched import BatchedCache, Segment
+from .decoding import Prefill, Step, emitted_tokens, synchronize
 from .draft import Draft, verify_sampling
 from .errors import InvalidArgument
 from .sampling import SamplingParams, make_generator
@@ -258,8 +259,7 @@ class BatchScheduler:
         req.slot = self.cache.allocate()
         req.tokens = list(req.prompt_ids)
         req.detok = IncrementalDetokenizer(eng.tokenizer)
-        req.stats = GenerationStats(prompt_tokens=len(req.prompt_ids))
-        req.stats.verify, req.stats.lossy = eng.verify.describe(), eng.verify.lossy
+        req.stats = GenerationStats(prompt_tokens=len(req.prompt_ids), verify=eng.verify.describe(), lossy=eng.verify.lossy)
         req.drafter.begin(list(req.prompt_ids))
         req.status = "prefill" if len(req.prompt_ids) > 1 else "decode"
         req.t_start = time.perf_counter()
@@ -306,7 +306,7 @@ class BatchScheduler:
         t0 = time.perf_counter()
         segments = [self._segment(p) for p in plans]
         logits = self.cache.forward(segments)
-        self.engine._sync()
+        synchronize(self.engine.target.device)
         forward_seconds = time.perf_counter() - t0
         self.steps += 1
         self.last_step = {
@@ -320,7 +320,7 @@ class BatchScheduler:
             req = plan.request
             if plan.kind == "prefill":
                 req.prefilled += len(plan.ids)
-                req.stats.prefill_time += forward_seconds
+                req.stats.add(Prefill(forward_seconds))
                 if req.prefilled == len(req.prompt_ids) - 1:
                     req.status = "decode"
                 continue
@@ -416,12 +416,7 @@ class BatchScheduler:
             path, nxt = verify_sampling(draft, logits, req.params, req.generator)
         self.cache.keep(req.slot, plan.start, [0] + [n + 1 for n in path])
         req.drafter.observe(req.tokens[-1], draft, logits)
-        new = [draft.tokens[n] for n in path] + [nxt]
-        for i, tok in enumerate(new):
-            if tok in eng.eos_ids:
-                new = new[: i + 1]
-                break
-        new = new[: req.max_new_tokens - req.generated]
+        new = emitted_tokens(draft, path, nxt, eng.eos_ids, req.max_new_tokens - req.generated)
         req.tokens.extend(new)
         req.drafter.update(req.tokens, len(path), draft)
         t4 = time.perf_counter()
@@ -434,14 +429,7 @@ class BatchScheduler:
                 req.acceptance.learn(conf, depths[i], i in on_path)
         req.generated += len(new)
         s = req.stats
-        s.target_forwards += 1
-        s.accept_lengths.append(len(new))
-        s.drafted_tokens += len(plan.proposed)
-        s.verified_draft_tokens += len(draft)
-        s.accepted_draft_tokens += len(path)
-        s.plain_steps += not len(draft)
-        s.draft_time += draft_seconds
-        s.verify_time += forward_seconds
+        s.add(Step(tuple(new), len(plan.proposed), len(draft), len(path), draft_seconds, forward_seconds))
         if not s.first_token_time:
             s.first_token_time = time.perf_counter() - req.t_start
 

@@ -1,12 +1,5 @@
-"""The engine: a target model, its tokenizer and a drafter, and the decoding loop that joins them.
-
-    propose (drafter) -> verify in one target forward -> accept -> roll back -> repeat
-
-Invariant of the loop: the target's KV cache holds every token of the sequence but the last;
-that last token is the root of the next draft and the first token of the next verification
-forward. The output is exactly plain decoding's: greedy keeps the longest draft prefix equal to
-the target's argmax plus the target's own next token; sampling uses lossless speculative
-sampling (``draft.verify_sampling``).
+"""The engine: a target model, its tokenizer and a drafter, joined by the decoding loop
+(``decoding.py``: propose -> verify in one target forward -> accept -> roll back -> repeat).
 """
 
 from __future__ import annotations
@@ -22,14 +15,14 @@ import torch
 
 from .backends import Backend, load_backend
 from .backends.quant import QuantConfig
-from .draft import Draft, verify_sampling
+from .decoding import Prefill, Step, decode
 from .drafters import METHODS, Drafter, DraftModelDrafter, VanillaDrafter
 from .drafters.hybrid import HybridDrafter
 from .errors import InvalidArgument, ModelLoadError
 from .hub import resolve_model
 from .costmodel import CostModel
-from .sampling import SamplingParams, make_generator
-from .sizing import FixedSizing, StepRecord, make_sizing
+from .sampling import SamplingParams
+from .sizing import FixedSizing, make_sizing
 from .text import IncrementalDetokenizer, find_stop, safe_end, trim_to_stop
 from .verification import VerifyRule
 
@@ -67,6 +60,21 @@ class GenerationStats:
     method: dict[str, Any] = field(default_factory=dict)
     verify: str = "exact"  # the acceptance rule; anything else is lossy when ``lossy`` says so
     lossy: bool = False
+
+    def add(self, record: Prefill | Step) -> None:
+        """Fold one record of the decoding loop into the totals (a batched request's prompt
+        may be prefilled in several chunks: their times add up)."""
+        if isinstance(record, Prefill):
+            self.prefill_time += record.seconds
+            return
+        self.target_forwards += 1
+        self.accept_lengths.append(len(record.tokens))
+        self.drafted_tokens += record.drafted
+        self.verified_draft_tokens += record.verified
+        self.accepted_draft_tokens += record.accepted
+        self.plain_steps += record.plain
+        self.draft_time += record.draft_time
+        self.verify_time += record.verify_time
 
     @property
     def mean_accepted_tokens(self) -> float:
@@ -402,74 +410,10 @@ class Engine:
             )
         return ids
 
-    # ---- the decoding loop --------------------------------------------------------------------
-    def _sync(self) -> None:
-        if self.target.device.type == "cuda":
-            torch.cuda.synchronize(self.target.device)
-
-    def _steps(
-        self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams, stats: GenerationStats
-    ) -> Iterator[list[int]]:
-        """Yield the tokens each decoding step emits (EOS included, nothing after it)."""
-        target, drafter = self.target, self.drafter
-        generator = None if params.greedy else make_generator(target.device, params.seed)
-        sizing = self.seeded_sizing if params.seed is not None and not params.greedy else self.sizing
-        sizing.begin()  # may measure the cost curve: before the cache is filled
-        stats.verify, stats.lossy = self.verify.describe(), self.verify.lossy
-        target.reset()
-        drafter.begin(prompt_ids)
-        tokens = list(prompt_ids)
-        t0 = time.perf_counter()
-        if len(tokens) > 1:
-            target.forward(torch.tensor(tokens[:-1]), logits_rows=None)
-        self._sync()
-        stats.prefill_time = time.perf_counter() - t0
-        generated = 0
-        while generated < max_new_tokens and target.length < target.max_length:
-            start = target.length
-            # Room: the verification block (root + nodes) must fit, and no point drafting past the end.
-            room = min(max_new_tokens - generated - 1, target.max_length - start - 1)
-            budget = min(sizing.budget(start), room) if room > 0 else 0
-            t1 = time.perf_counter()
-            proposed = drafter.propose(tokens, budget, params, generator).head(budget) if budget > 0 else Draft()
-            draft = sizing.cut(proposed, start)  # what is worth verifying; depends on the past only
-            t2 = time.perf_counter()
-            block = torch.tensor([tokens[-1]] + draft.tokens)
-            if draft.is_chain:
-                logits = target.forward(block)
-            else:
-                positions = torch.tensor([0] + draft.depths()) + start
-                logits = target.forward(block, positions=positions, tree_mask=draft.tree_mask())
-            if params.greedy:
-                path, nxt = self.verify.greedy(draft, logits)
-            else:
-                path, nxt = verify_sampling(draft, logits, params, generator)
-            target.keep(start, [0] + [n + 1 for n in path])
-            self._sync()
-            t3 = time.perf_counter()
-            drafter.observe(tokens[-1], draft, logits)
-            new = [draft.tokens[n] for n in path] + [nxt]
-            for i, tok in enumerate(new):
-                if tok in self.eos_ids:
-                    new = new[: i + 1]
-                    break
-            new = new[: max_new_tokens - generated]
-            tokens.extend(new)
-            drafter.update(tokens, len(path), draft)
-            t4 = time.perf_counter()
-            sizing.record(StepRecord(start, proposed, draft, path, len(new), (t2 - t1) + (t4 - t3), t3 - t2))
-            generated += len(new)
-            stats.target_forwards += 1
-            stats.accept_lengths.append(len(new))
-            stats.drafted_tokens += len(proposed)
-            stats.verified_draft_tokens += len(draft)
-            stats.accepted_draft_tokens += len(path)
-            stats.plain_steps += not len(draft)
-            stats.draft_time += (t2 - t1) + (t4 - t3)
-            stats.verify_time += t3 - t2
-            yield new
-            if new[-1] in self.eos_ids:
-                return
+    # ---- decoding ----------------------------------------------------------------------------
+    def _sizing_for(self, params: SamplingParams):
+        """Seeded sampling must repeat itself, so its drafts cannot depend on timings."""
+        return self.seeded_sizing if params.seed is not None and not params.greedy else self.sizing
 
     def _pieces(
         self,
@@ -480,13 +424,19 @@ class Engine:
         holder: GenerationStream | None,
     ) -> Iterator[str]:
         """Decode steps into text pieces; apply stop strings; build the result at the end."""
-        stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        stats = GenerationStats(prompt_tokens=len(prompt_ids), verify=self.verify.describe(), lossy=self.verify.lossy)
         detok = IncrementalDetokenizer(self.tokenizer)
         emitted = 0  # characters of the text already yielded
         finish = "length"
         hit = None
         t0 = time.perf_counter()
-        for new in self._steps(prompt_ids, max_new_tokens, params, stats):
+        records = decode(self.target, self.drafter, self._sizing_for(params), self.verify, self.eos_ids, prompt_ids,
+                         max_new_tokens, params)  # fmt: skip
+        for step in records:
+            stats.add(step)
+            if isinstance(step, Prefill):
+                continue
+            new = list(step.tokens)
             if not stats.first_token_time:
                 stats.first_token_time = time.perf_counter() - t0
             before = len(detok.ids)
@@ -512,8 +462,7 @@ class Engine:
             yield detok.text[emitted:]
         stats.new_tokens = len(detok.ids)
         stats.total_time = time.perf_counter() - t0
-        seeded = params.seed is not None and not params.greedy
-        stats.method = {**self.drafter.stats(), **(self.seeded_sizing if seeded else self.sizing).stats()}
+        stats.method = {**self.drafter.stats(), **self._sizing_for(params).stats()}
         result = GenerationResult(detok.text, detok.ids, list(prompt_ids), finish, stats)
         if holder is not None:
             holder.result = result
