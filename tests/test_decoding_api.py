@@ -116,3 +116,22 @@ def test_the_loop_yields_a_prefill_then_immutable_steps(stories_path):
     assert [len(s.tokens) for s in steps] == ref.stats.accept_lengths
     assert sum(s.accepted for s in steps) == ref.stats.accepted_draft_tokens > 0
     assert all(len(s.tokens) == s.accepted + 1 for s in steps[:-1])  # no EOS or limit before the end
+
+
+def test_output_text_holds_back_a_possible_stop_and_cuts_the_step_at_one():
+    from specdecode.text import OutputText
+
+    from .markov_backend import CharTokenizer  # token i reads as chr(97 + i): 0 -> "a"
+
+    out = OutputText(CharTokenizer(), ["cde"], eos_ids={25})
+    assert out.add([0, 1]) == ([0, 1], "ab")
+    assert out.add([2]) == ([2], "")  # "c" may begin "cde": held back
+    assert out.add([3, 4, 5, 6]) == ([3, 4], "")  # "cde" completes at 4; 5 and 6 are never output
+    assert out.stopped and out.finish_reason == "stop"
+    assert (out.text, out.ids, out.close()) == ("ab", [0, 1, 2, 3, 4], "")
+
+    out = OutputText(CharTokenizer(), [], eos_ids={25})
+    assert out.add([7, 25]) == ([7, 25], "hz") and out.finish_reason == "stop" and not out.stopped
+    out = OutputText(CharTokenizer(), ["cde"], eos_ids={25})
+    assert out.add([2, 3]) == ([2, 3], "") and out.finish_reason == "length"
+    assert out.close() == "cd"  # the end: nothing more can complete the stop string

@@ -57,7 +57,7 @@ from .draft import Draft, verify_sampling
 from .errors import InvalidArgument
 from .sampling import SamplingParams, make_generator
 from .sizing import AcceptanceModel, FixedSizing, StepRecord
-from .text import IncrementalDetokenizer, find_stop, safe_end, trim_to_stop
+from .text import OutputText
 
 BATCHABLE_METHODS = ("vanilla", "pld", "suffix", "recycle", "suffix+recycle", "lookahead")
 DEFAULT_MAX_BATCH_TOKENS = 64  # without a cost measurement
@@ -154,8 +154,7 @@ class BatchRequest:
     tokens: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens cached so far (of prompt[:-1])
     generated: int = 0
-    detok: IncrementalDetokenizer | None = None
-    emitted: int = 0
+    output: OutputText | None = None
     finish_reason: str = "length"
     cancelled: bool = False
     stats: object = None
@@ -258,29 +257,24 @@ class BatchScheduler:
         req.generator = None if req.params.greedy else make_generator(eng.target.device, req.params.seed)
         req.slot = self.cache.allocate()
         req.tokens = list(req.prompt_ids)
-        req.detok = IncrementalDetokenizer(eng.tokenizer)
+        req.output = OutputText(eng.tokenizer, req.stop, eng.eos_ids)
         req.stats = GenerationStats(prompt_tokens=len(req.prompt_ids), verify=eng.verify.describe(), lossy=eng.verify.lossy)
         req.drafter.begin(list(req.prompt_ids))
         req.status = "prefill" if len(req.prompt_ids) > 1 else "decode"
         req.t_start = time.perf_counter()
         self.running.append(req)
 
-    def _finish(self, req: BatchRequest, reason: str, flush: bool = True) -> str:
+    def _finish(self, req: BatchRequest, reason: str) -> str:
         """Close ``req``: its result, its slot back. Returns the text released now."""
         from .engine import GenerationResult
 
-        tail = ""
-        if flush:
-            req.detok.flush()
-        if req.emitted < len(req.detok.text):
-            tail = req.detok.text[req.emitted :]
-            req.emitted = len(req.detok.text)
+        tail = req.output.close()
         stats = req.stats
-        stats.new_tokens = len(req.detok.ids)
+        stats.new_tokens = len(req.output.ids)
         stats.total_time = time.perf_counter() - req.t_start
         stats.method = {**req.drafter.stats(), **req.sizing.stats(), "batched": True,
                         "max_batch_tokens": self.max_batch_tokens, "max_num_seqs": self.max_num_seqs}  # fmt: skip
-        req.result = GenerationResult(req.detok.text, list(req.detok.ids), list(req.prompt_ids), reason, stats)
+        req.result = GenerationResult(req.output.text, list(req.output.ids), list(req.prompt_ids), reason, stats)
         req.finish_reason = reason
         req.status = "done"
         self.cache.release(req.slot)
@@ -406,8 +400,8 @@ class BatchScheduler:
         return Segment(req.slot, ids, positions=positions, tree_mask=draft.tree_mask())
 
     def _verify(self, plan: _Plan, logits: torch.Tensor, forward_seconds: float) -> StepOutput | None:
-        """As one step of ``Engine._steps`` (verification, cache, drafter, stop conditions) and of
-        ``Engine._pieces`` (text, stop strings) for one request."""
+        """As one step of ``decoding.decode`` (verification, cache, drafter, stop conditions) and of
+        ``Engine._generation`` (text, stop strings, statistics) for one request."""
         req, draft, eng = plan.request, plan.draft, self.engine
         t3 = time.perf_counter()
         if req.params.greedy:
@@ -428,34 +422,16 @@ class BatchScheduler:
                 conf = draft.confidence[i] if draft.confidence else None
                 req.acceptance.learn(conf, depths[i], i in on_path)
         req.generated += len(new)
-        s = req.stats
-        s.add(Step(tuple(new), len(plan.proposed), len(draft), len(path), draft_seconds, forward_seconds))
-        if not s.first_token_time:
-            s.first_token_time = time.perf_counter() - req.t_start
-
-        # Text and stop strings, as Engine._pieces.
-        detok = req.detok
-        before = len(detok.ids)
-        detok.add(new)
-        finish = None
-        if detok.ids[-1] in eng.eos_ids:
-            finish = "stop"
-        hit = find_stop(detok.text, req.stop, req.emitted) if req.stop else None
-        if hit is not None:
-            detok.ids = trim_to_stop(eng.tokenizer, detok.ids, req.stop, keep=before + 1)
-            detok.text = detok.text[:hit]
-            s.accept_lengths[-1] -= before + len(new) - len(detok.ids)
-            kept = new[: len(detok.ids) - before]
-            return StepOutput(req, kept, self._finish(req, "stop", flush=False), True)
-        safe = safe_end(detok.text, req.stop)
-        piece = ""
-        if safe > req.emitted:
-            piece = detok.text[req.emitted : safe]
-            req.emitted = safe
-        if finish is None and (req.generated >= req.max_new_tokens or self.cache.lengths[req.slot] >= self.cache.max_length):
-            finish = "length"
-        if finish is not None:
-            return StepOutput(req, new, piece + self._finish(req, finish), True)
+        if not req.stats.first_token_time:
+            req.stats.first_token_time = time.perf_counter() - req.t_start
+        # Text and stop strings, as Engine._generation: the tokens after a stop string were never output.
+        kept, piece = req.output.add(new)
+        req.stats.add(Step(tuple(kept), len(plan.proposed), len(draft), len(path), draft_seconds, forward_seconds))
+        if req.output.stopped:
+            return StepOutput(req, kept, piece + self._finish(req, "stop"), True)
+        full = req.generated >= req.max_new_tokens or self.cache.lengths[req.slot] >= self.cache.max_length
+        if req.output.finish_reason == "stop" or full:  # an EOS ("stop"), or no room left ("length")
+            return StepOutput(req, new, piece + self._finish(req, req.output.finish_reason), True)
         return StepOutput(req, new, piece, False)
 
 

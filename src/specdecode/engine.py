@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Generator, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from .hub import resolve_model
 from .costmodel import CostModel
 from .sampling import SamplingParams
 from .sizing import FixedSizing, make_sizing
-from .text import IncrementalDetokenizer, find_stop, safe_end, trim_to_stop
+from .text import OutputText
 from .verification import VerifyRule
 
 DTYPES = {
@@ -127,20 +127,27 @@ class GenerationResult:
 
 
 class GenerationStream:
-    """Iterates over text pieces as they are decoded; ``result`` is set once it is exhausted."""
+    """Iterates over text pieces as they are decoded; ``result`` is set once they are exhausted.
 
-    def __init__(self, pieces: Iterator[str]):
-        self._pieces = pieces
+    ``generation`` yields the pieces and returns the result (``Engine._generation``)."""
+
+    def __init__(self, generation: Generator[str, None, GenerationResult]):
+        self._generation = generation
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
-        return next(self._pieces)
+        try:
+            return next(self._generation)
+        except StopIteration as end:
+            if end.value is not None:  # the first time only: then the generation is over
+                self.result = end.value
+            raise
 
     def close(self) -> None:
-        self._pieces.close()  # type: ignore[attr-defined]
+        self._generation.close()
 
 
 def _components(method: str) -> list[str]:
@@ -415,57 +422,35 @@ class Engine:
         """Seeded sampling must repeat itself, so its drafts cannot depend on timings."""
         return self.seeded_sizing if params.seed is not None and not params.greedy else self.sizing
 
-    def _pieces(
-        self,
-        prompt_ids: list[int],
-        max_new_tokens: int,
-        params: SamplingParams,
-        stop: list[str],
-        holder: GenerationStream | None,
-    ) -> Iterator[str]:
-        """Decode steps into text pieces; apply stop strings; build the result at the end."""
+    def _generation(
+        self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams, stop: list[str]
+    ) -> Generator[str, None, GenerationResult]:
+        """Text pieces as the loop's steps arrive (stop strings applied); returns the result,
+        its statistics folded from the loop's records."""
+        sizing = self._sizing_for(params)
         stats = GenerationStats(prompt_tokens=len(prompt_ids), verify=self.verify.describe(), lossy=self.verify.lossy)
-        detok = IncrementalDetokenizer(self.tokenizer)
-        emitted = 0  # characters of the text already yielded
-        finish = "length"
-        hit = None
+        out = OutputText(self.tokenizer, stop, self.eos_ids)
         t0 = time.perf_counter()
-        records = decode(self.target, self.drafter, self._sizing_for(params), self.verify, self.eos_ids, prompt_ids,
-                         max_new_tokens, params)  # fmt: skip
-        for step in records:
-            stats.add(step)
-            if isinstance(step, Prefill):
-                continue
-            new = list(step.tokens)
-            if not stats.first_token_time:
-                stats.first_token_time = time.perf_counter() - t0
-            before = len(detok.ids)
-            detok.add(new)
-            if detok.ids[-1] in self.eos_ids:
-                finish = "stop"
-            hit = find_stop(detok.text, stop, emitted) if stop else None
-            if hit is not None:
-                detok.ids = trim_to_stop(self.tokenizer, detok.ids, stop, keep=before + 1)
-                detok.text = detok.text[:hit]
-                # The step's tokens after the stop string were never output.
-                stats.accept_lengths[-1] -= before + len(new) - len(detok.ids)
-                finish = "stop"
+        for record in decode(self.target, self.drafter, sizing, self.verify, self.eos_ids, prompt_ids, max_new_tokens, params):
+            piece = ""
+            if isinstance(record, Step):
+                if not stats.first_token_time:
+                    stats.first_token_time = time.perf_counter() - t0
+                kept, piece = out.add(list(record.tokens))
+                if len(kept) < len(record.tokens):  # the tokens after a stop string were never output
+                    record = replace(record, tokens=tuple(kept))
+            stats.add(record)
+            if piece:
+                yield piece
+            if out.stopped:
                 break
-            # Hold back anything that may yet become a stop string.
-            safe = safe_end(detok.text, stop)
-            if safe > emitted:
-                yield detok.text[emitted:safe]
-                emitted = safe
-        if hit is None:
-            detok.flush()
-        if emitted < len(detok.text):
-            yield detok.text[emitted:]
-        stats.new_tokens = len(detok.ids)
+        tail = out.close()
+        if tail:
+            yield tail
+        stats.new_tokens = len(out.ids)
         stats.total_time = time.perf_counter() - t0
-        stats.method = {**self.drafter.stats(), **self._sizing_for(params).stats()}
-        result = GenerationResult(detok.text, detok.ids, list(prompt_ids), finish, stats)
-        if holder is not None:
-            holder.result = result
+        stats.method = {**self.drafter.stats(), **sizing.stats()}
+        return GenerationResult(out.text, out.ids, list(prompt_ids), out.finish_reason, stats)
 
     def _prepare(self, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop):
         _check_positive_int("max_new_tokens", max_new_tokens)
@@ -495,9 +480,7 @@ class Engine:
         Arguments are checked now, before the first piece is asked for.
         """
         ids, params, stops = self._prepare(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop)
-        holder = GenerationStream(iter(()))
-        holder._pieces = self._pieces(ids, max_new_tokens, params, stops, holder)
-        return holder
+        return GenerationStream(self._generation(ids, max_new_tokens, params, stops))
 
     def generate(
         self,
