@@ -240,7 +240,7 @@ def datastore_build(
     import os
 
     from .datastore import build_datastore
-    from .engine import load_tokenizer
+    from .loading import load_tokenizer
     from .hub import resolve_model
 
     try:

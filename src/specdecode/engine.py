@@ -13,34 +13,21 @@ from typing import Any
 
 import torch
 
-from .backends import Backend, load_backend
+from .backends import Backend
 from .backends.quant import QuantConfig
 from .decoding import Prefill, Step, decode
 from .drafters import METHODS, Drafter, DraftModelDrafter, VanillaDrafter
 from .drafters.hybrid import HybridDrafter
-from .errors import InvalidArgument, ModelLoadError
-from .hub import resolve_model
 from .costmodel import CostModel
+from .errors import InvalidArgument
+from .loading import eos_token_ids, load_draft_model, load_target
 from .sampling import SamplingParams
 from .sizing import FixedSizing, make_sizing
 from .text import OutputText
 from .verification import VerifyRule
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}  # fmt: skip
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """'auto'/None -> the model's own dtype; else a name from DTYPES or a torch dtype."""
-    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
-        return None if dtype == "auto" else dtype
-    if dtype not in DTYPES:
-        raise InvalidArgument("dtype", f"expected auto or one of {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
-
+# Loading moved to loading.py; its names stay importable from here.
+from .loading import DTYPES, check_same_tokenizer, load_tokenizer, parse_dtype  # noqa: F401
 
 @dataclass
 class GenerationStats:
@@ -223,7 +210,7 @@ class Engine:
         # Seeded sampling must repeat itself, so its drafts cannot depend on timings: such a
         # request sizes its drafts by the (deterministic) grow/shrink rule instead.
         self.seeded_sizing = self.sizing if isinstance(self.sizing, FixedSizing) else FixedSizing(k, adaptive=True)
-        self.eos_ids = self._eos_ids() if eos_ids is None else set(eos_ids)
+        self.eos_ids = eos_token_ids(tokenizer, target) if eos_ids is None else set(eos_ids)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -255,15 +242,9 @@ class Engine:
         acceptance rule (see verification.py).
         """
         _check_method(method, draft_model)
-        torch_dtype = parse_dtype(dtype)
-        quant = None if quantize is None else QuantConfig.parse(quantize, "quantize")
-        try:
-            torch.device(device)
-        except (RuntimeError, TypeError):
-            raise InvalidArgument("device", f"expected a torch device such as cpu or cuda:0, got {device!r}") from None
-        path = resolve_model(str(model), progress=progress)
-        tokenizer = load_tokenizer(path)
-        target = load_backend(path, backend, dtype=torch_dtype, device=device, max_length=max_length, quantize=quant)
+        path, tokenizer, target = load_target(
+            model, backend=backend, dtype=dtype, device=device, max_length=max_length, quantize=quantize, progress=progress
+        )
         engine = cls(target, tokenizer, VanillaDrafter(), model_name=Path(str(model)).name)
         engine.model_path, engine.backend_name = path, backend
         return engine.with_method(
@@ -306,12 +287,9 @@ class Engine:
             if name in built:
                 return built[name]
             if name == "sps":
-                draft_q = None if draft_quant is None else QuantConfig.parse(draft_quant, "draft_quant")
-                draft_path = resolve_model(str(draft_model), progress=progress)
-                check_same_tokenizer(self.tokenizer, load_tokenizer(draft_path), self.model_path, draft_path)
-                draft = load_backend(
-                    draft_path, self.backend_name, dtype=self.target.dtype, device=self.target.device,
-                    max_length=self.target.max_length, quantize=draft_q,
+                draft = load_draft_model(
+                    draft_model, target=self.target, tokenizer=self.tokenizer, target_path=self.model_path,
+                    backend=self.backend_name, draft_quant=draft_quant, progress=progress,
                 )  # fmt: skip
                 return DraftModelDrafter(draft, **method_options)
             options = dict(method_options)
@@ -360,27 +338,6 @@ class Engine:
             )  # fmt: skip
 
         return AutoEngine(self, {name: arm(name) for name in names}, chooser)
-
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        gen_cfg = getattr(getattr(self.target, "model", None), "generation_config", None)
-        sources = [getattr(self.tokenizer, "eos_token_id", None)]
-        path = getattr(self.tokenizer, "name_or_path", None)
-        if gen_cfg is None and path:
-            try:
-                from transformers import GenerationConfig
-
-                gen_cfg = GenerationConfig.from_pretrained(path)
-            except Exception:  # noqa: BLE001 - no generation_config.json is fine
-                gen_cfg = None
-        if gen_cfg is not None:
-            sources.append(gen_cfg.eos_token_id)
-        for s in sources:
-            if isinstance(s, int):
-                ids.add(s)
-            elif isinstance(s, (list, tuple)):
-                ids.update(int(i) for i in s)
-        return ids
 
     # ---- input --------------------------------------------------------------------------------
     def encode(self, prompt: str | list[dict] | list[int], *, tokenizer=None) -> list[int]:
@@ -530,22 +487,3 @@ class Engine:
             self, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=seed, stop=stop, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
         )  # fmt: skip
-
-
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-        raise ModelLoadError(f"cannot load a tokenizer from {str(path)!r}: {e}") from None
-
-
-def check_same_tokenizer(target_tok, draft_tok, target_path: Path, draft_path: Path) -> None:
-    """A draft model must speak the target's tokens: same vocabulary, same ids."""
-    if target_tok.get_vocab() != draft_tok.get_vocab():
-        raise InvalidArgument(
-            "draft_model",
-            f"the tokenizer of {str(draft_path)!r} differs from the target's ({str(target_path)!r}): "
-            "a draft model must share the target's vocabulary",
-        )
