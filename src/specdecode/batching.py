@@ -35,10 +35,10 @@ them (speculation off, or many seeded requests at once), it stays correctly dist
 differ from the lone run.
 
 Drafters hold per-request state, so every request gets its own copy of the engine's drafter
-(model-free methods: vanilla, pld, suffix, recycle, suffix+recycle, lookahead, and hybrids of
-them; a suffix store of earlier requests is shared, read-only; a custom drafter may declare
-``batchable = True``). Methods that keep their own
-model cache in step with the target's (sps, swift, quant) or a datastore (rest) are refused.
+(the methods the registry declares ``batchable``, model-free ones, and hybrids of them; a suffix
+store of earlier requests is shared, read-only; a custom drafter may declare
+``batchable = True``). Methods that keep a model cache in step with one sequence (their own or
+the target's: sps, swift, quant) or read a datastore (rest) are refused.
 """
 
 from __future__ import annotations
@@ -54,12 +54,12 @@ import torch
 from .backends.batched import BatchedCache, Segment
 from .decoding import Prefill, Step, emitted_tokens, synchronize
 from .draft import Draft, verify_sampling
+from .drafters import registry
 from .errors import InvalidArgument
 from .sampling import SamplingParams, make_generator
 from .sizing import AcceptanceModel, FixedSizing, StepRecord
 from .text import OutputText
 
-BATCHABLE_METHODS = ("vanilla", "pld", "suffix", "recycle", "suffix+recycle", "lookahead")
 DEFAULT_MAX_BATCH_TOKENS = 64  # without a cost measurement
 PREFILL_RESERVE = 4  # a waiting prompt gets at least 1/this of the budget per step
 
@@ -83,10 +83,6 @@ def budget_from_cost(cost, context: int = 128, factor: float = 2.0, low: int = 1
     return max(low, min(best, high))
 
 
-def _method_parts(name: str) -> list[str]:
-    return [name] if name in BATCHABLE_METHODS else name.split("+")
-
-
 def check_batchable(engine) -> None:
     """Refuse engines whose method cannot run in a batch (see the module docstring)."""
     drafter = getattr(engine, "drafter", None)
@@ -95,11 +91,18 @@ def check_batchable(engine) -> None:
         raise InvalidArgument("method", "method 'auto' chooses per request and cannot batch; pick a method")
     if getattr(drafter, "batchable", False):  # a custom drafter that declares itself copyable per request
         return
-    if not all(p in BATCHABLE_METHODS for p in _method_parts(name)):
+    try:
+        ok = registry.batchable(name)
+    except InvalidArgument:  # a custom drafter that does not say
+        ok = False
+    if not ok:
+        refused = registry.names(batchable=False)
+        with_models = [n for n in refused if not registry.REGISTRY[n].datastore]
+        datastores = [n for n in refused if registry.REGISTRY[n].datastore]
         raise InvalidArgument(
-            "method", f"batched generation supports the model-free methods {', '.join(BATCHABLE_METHODS)} "
-            f"(and hybrids of them), not {name!r}: a drafter with its own model cache (sps, swift, quant) or "
-            "a datastore (rest) runs one request at a time"
+            "method", f"batched generation supports the model-free methods {', '.join(registry.names(batchable=True))} "
+            f"(and hybrids of them), not {name!r}: a drafter with a model cache in step with one sequence "
+            f"({', '.join(with_models)}) or a datastore ({', '.join(datastores)}) runs one request at a time"
         )  # fmt: skip
 
 

@@ -16,7 +16,7 @@ import torch
 from .backends import Backend
 from .backends.quant import QuantConfig
 from .decoding import Prefill, Step, decode
-from .drafters import METHODS, Drafter, DraftModelDrafter, VanillaDrafter
+from .drafters import Drafter, VanillaDrafter, registry
 from .drafters.hybrid import HybridDrafter
 from .costmodel import CostModel
 from .errors import InvalidArgument
@@ -28,6 +28,7 @@ from .verification import VerifyRule
 
 # Loading moved to loading.py; its names stay importable from here.
 from .loading import DTYPES, check_same_tokenizer, load_tokenizer, parse_dtype  # noqa: F401
+from .drafters.registry import method_components  # noqa: F401 - the benchmark's old import
 
 @dataclass
 class GenerationStats:
@@ -137,35 +138,9 @@ class GenerationStream:
         self._generation.close()
 
 
-def _components(method: str) -> list[str]:
-    """A method, or a hybrid ``A+B`` of two (see drafters/hybrid.py)."""
-    if not isinstance(method, str):
-        raise InvalidArgument("method", f"expected a method name, got {method!r}")
-    parts = [method] if method in METHODS or "+" not in method else method.split("+")
-    for part in parts:
-        if part not in METHODS:
-            raise InvalidArgument(
-                "method", f"expected one of {', '.join(METHODS)} or two of them joined by '+', got {method!r}"
-            )
-    if len(parts) > 2 or "vanilla" in parts and len(parts) > 1 or len(set(parts)) < len(parts):
-        raise InvalidArgument("method", f"a hybrid joins two different drafting methods (e.g. pld+sps), got {method!r}")
-    return parts
-
-
-def method_components(method: str) -> list[str]:
-    """The registered methods ``method`` is made of: itself, the two of a hybrid ``A+B``, or
-    none for ``auto`` (which chooses among others). Raises InvalidArgument for an unknown name."""
-    return [] if method == "auto" else _components(method)
-
-
 def _check_method(method: str, draft_model) -> None:
-    if method == "auto":  # its arms are checked when they are built
-        return
-    parts = _components(method)
-    if "sps" in parts and draft_model is None:
-        raise InvalidArgument("draft_model", f"method {method!r} needs a draft model (same tokenizer as the target)")
-    if "sps" not in parts and draft_model is not None:
-        raise InvalidArgument("draft_model", f"only method 'sps' uses a draft model, not {method!r}")
+    if method != "auto":  # auto's arms are checked when they are built
+        registry.check_draft_model(method, draft_model)
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -273,29 +248,29 @@ class Engine:
         if method == "auto":
             return self._auto(draft_model=draft_model, sizing=sizing, progress=progress, draft_quant=draft_quant,
                               verify=verify, **method_options)  # fmt: skip
-        parts = _components(method)
+        parts = [m.name for m in registry.components(method)]
         if len(parts) > 1 and method_options:
             raise InvalidArgument("method_options", f"hybrid {method!r}: options go to its methods one at a time; "
                                   "none are taken here")  # fmt: skip
         rule = VerifyRule.parse(verify, method_options)
-        if draft_quant is not None and "sps" not in parts:
-            raise InvalidArgument("draft_quant", f"only method 'sps' has a draft model to quantize, not {method!r}")
+        registry.check_draft_quant(method, draft_quant)
 
         built = {} if _shared is None else _shared  # auto's arms share drafters (one quantized copy)
 
         def build(name: str) -> Drafter:
             if name in built:
                 return built[name]
-            if name == "sps":
+            known = registry.REGISTRY[name]
+            if known.draft_model:
                 draft = load_draft_model(
                     draft_model, target=self.target, tokenizer=self.tokenizer, target_path=self.model_path,
                     backend=self.backend_name, draft_quant=draft_quant, progress=progress,
                 )  # fmt: skip
-                return DraftModelDrafter(draft, **method_options)
+                return known.drafter(draft, **method_options)
             options = dict(method_options)
-            if getattr(METHODS[name], "uses_tokenizer", False):
+            if known.reads_text:
                 options.setdefault("tokenizer", self.tokenizer)  # e.g. to read a corpus
-            return METHODS[name].create(self.target, **options)
+            return known.drafter.create(self.target, **options)
 
         try:
             drafters = [build(name) for name in parts]
@@ -319,22 +294,21 @@ class Engine:
             raise InvalidArgument("method_options", f"auto takes arms, window and explore_every, not {', '.join(others)}")
         explicit = arms is not None
         names = parse_arms(arms, draft_model is not None)
-        if not explicit and not (hasattr(self.target, "layers") and self.target.supports_skip):
-            names = [n for n in names if "quant" not in _components(n)] or ["pld"]  # quant: native backend only
+        if not explicit and not (hasattr(self.target, "layers") and self.target.supports_skip):  # quant: native only
+            names = [n for n in names if not registry.needs(n, "self_drafting")] or ["pld"]
         for name in names:
-            parts = _components(name)
-            if "sps" in parts and draft_model is None:
+            if registry.needs(name, "draft_model") and draft_model is None:
                 raise InvalidArgument("draft_model", f"auto's arm {name!r} needs a draft model")
-        if draft_model is not None and not any("sps" in _components(n) for n in names):
+        if draft_model is not None and not any(registry.needs(n, "draft_model") for n in names):
             raise InvalidArgument("draft_model", f"none of auto's arms ({', '.join(names)}) uses a draft model")
         chooser = ArmChooser(names, window=window, explore_every=explore_every)
         shared: dict[str, Drafter] = {}
 
         def arm(name: str) -> Engine:
-            sps = "sps" in _components(name)
+            uses = registry.needs(name, "draft_model")
             return self.with_method(
-                name, draft_model=draft_model if sps else None, sizing=sizing, progress=progress,
-                draft_quant=draft_quant if sps else None, verify=verify, _shared=shared,
+                name, draft_model=draft_model if uses else None, sizing=sizing, progress=progress,
+                draft_quant=draft_quant if uses else None, verify=verify, _shared=shared,
             )  # fmt: skip
 
         return AutoEngine(self, {name: arm(name) for name in names}, chooser)
