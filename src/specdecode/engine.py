@@ -294,7 +294,7 @@ class Engine:
             raise InvalidArgument("method_options", f"auto takes arms, window and explore_every, not {', '.join(others)}")
         explicit = arms is not None
         names = parse_arms(arms, draft_model is not None)
-        if not explicit and not (hasattr(self.target, "layers") and self.target.supports_skip):  # quant: native only
+        if not explicit and not self.target.supports_self_draft:  # the default arms' quant drafts through the target
             names = [n for n in names if not registry.needs(n, "self_drafting")] or ["pld"]
         for name in names:
             if registry.needs(name, "draft_model") and draft_model is None:
