@@ -7,9 +7,10 @@ from typing import Optional
 
 import typer
 
-from ..cli import (  # the options shared with `generate`
+from ..cli_options import (  # the options shared with `generate`
     ADAPTIVE_OPTION, BACKEND_OPTION, DEVICE_OPTION, DRAFT_LENGTH_OPTION, DRAFT_MODEL_OPTION, DTYPE_OPTION,
-    DRAFT_QUANT_OPTION, METHOD_OPTION, METHOD_OPTIONS_OPTION, MODEL_OPTION, QUANTIZE_OPTION, VERIFY_OPTION,
+    DRAFT_QUANT_OPTION, METHOD_OPTION, METHOD_OPTIONS_OPTION, MODEL_OPTION, QUANTIZE_OPTION, VERIFY_OPTION, fail,
+    method_options,
 )  # fmt: skip
 from ..drafters import registry
 
@@ -52,7 +53,6 @@ def serve(
     log_level: str = typer.Option("info", help="uvicorn log level: debug, info, warning, error."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
-    from ..cli import fail, method_options
     from ..engine import Engine
     from ..errors import SpecDecodeError
 
