@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -18,11 +17,10 @@ from .backends.quant import QuantConfig
 from .decoding import Prefill, Step, decode
 from .drafters import Drafter, VanillaDrafter, registry
 from .drafters.hybrid import HybridDrafter
-from .costmodel import CostModel
 from .errors import InvalidArgument
 from .loading import eos_token_ids, load_draft_model, load_target
 from .sampling import SamplingParams
-from .sizing import FixedSizing, make_sizing
+from .sizing import engine_sizings
 from .text import OutputText
 from .verification import VerifyRule
 
@@ -172,19 +170,9 @@ class Engine:
         self.method = drafter.name
         self.model_path: Path | None = getattr(tokenizer, "name_or_path", None) and Path(tokenizer.name_or_path)
         self.backend_name = target.name
-        k = drafter.default_draft_length if draft_length is None else draft_length
-        if sizing is None and adaptive is not None:  # --adaptive / --fixed
-            sizing = "adaptive" if adaptive else "fixed"
-        if sizing is None and draft_length is not None:  # a length asked for is a length kept
-            sizing = "fixed"
-        if sizing is None:  # a deployment's (or a test module's) default; else payoff
-            sizing = os.environ.get("SPECDECODE_SIZING") or None
-        if isinstance(drafter, VanillaDrafter):
-            sizing = "fixed"  # nothing to size
-        self.sizing = make_sizing(sizing, k, max(max_draft_length, k), lambda: CostModel.for_target(target))
-        # Seeded sampling must repeat itself, so its drafts cannot depend on timings: such a
-        # request sizes its drafts by the (deterministic) grow/shrink rule instead.
-        self.seeded_sizing = self.sizing if isinstance(self.sizing, FixedSizing) else FixedSizing(k, adaptive=True)
+        self.sizing, self.seeded_sizing = engine_sizings(
+            drafter, target, draft_length=draft_length, adaptive=adaptive, sizing=sizing, max_draft_length=max_draft_length
+        )
         self.eos_ids = eos_token_ids(tokenizer, target) if eos_ids is None else set(eos_ids)
 
     # ---- construction -------------------------------------------------------------------------
