@@ -87,7 +87,7 @@ def test_token_id_prompts_and_eos(stories_path):
 
 def test_stats_are_the_fold_of_the_step_records():
     from specdecode.decoding import Prefill, Step
-    from specdecode.engine import GenerationStats
+    from specdecode.results import GenerationStats
 
     stats = GenerationStats(prompt_tokens=7)
     for record in (Prefill(0.5), Step((5, 6, 7), 4, 3, 2, 0.25, 0.5), Step((8,), 0, 0, 0, 0.0, 0.25)):

@@ -23,7 +23,8 @@ from collections import deque
 from collections.abc import Generator
 
 from .drafters.base import Drafter
-from .engine import Engine, GenerationResult
+from .engine import Engine
+from .results import GenerationResult
 from .errors import InvalidArgument
 
 DEFAULT_ARMS = ("pld+quant", "pld", "quant")  # no second model needed (quant: native backend)

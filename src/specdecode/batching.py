@@ -247,7 +247,7 @@ class BatchScheduler:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def _admit(self, req: BatchRequest) -> None:
-        from .engine import GenerationStats
+        from .results import GenerationStats
 
         eng = self.engine
         req.drafter = copy.deepcopy(eng.drafter, dict(self._shared))
@@ -269,7 +269,7 @@ class BatchScheduler:
 
     def _finish(self, req: BatchRequest, reason: str) -> str:
         """Close ``req``: its result, its slot back. Returns the text released now."""
-        from .engine import GenerationResult
+        from .results import GenerationResult
 
         tail = req.output.close()
         stats = req.stats
@@ -328,7 +328,7 @@ class BatchScheduler:
 
     def _admit_cancelled(self, req: BatchRequest, outputs: list[StepOutput]) -> None:
         """A request cancelled before it joined: an empty result."""
-        from .engine import GenerationResult, GenerationStats
+        from .results import GenerationResult, GenerationStats
 
         stats = GenerationStats(prompt_tokens=len(req.prompt_ids))
         req.result = GenerationResult("", [], list(req.prompt_ids), "cancelled", stats)

@@ -1,12 +1,17 @@
-"""The engine: a target model, its tokenizer and a drafter, joined by the decoding loop
-(``decoding.py``: propose -> verify in one target forward -> accept -> roll back -> repeat).
+"""The engine: a target model, its tokenizer and a drafter, joined by the decoding loop.
+
+Where the parts live: the loop (propose -> verify in one target forward -> accept -> roll back)
+in ``decoding.py``; text and stop strings in ``text.py``; statistics and results in
+``results.py``; loading in ``loading.py``; the methods and their needs in
+``drafters/registry.py``; the draft-length policy in ``sizing.py``. This module builds engines
+and runs requests through them.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Generator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,126 +19,20 @@ import torch
 
 from .backends import Backend
 from .backends.quant import QuantConfig
-from .decoding import Prefill, Step, decode
+from .decoding import Step, decode
 from .drafters import Drafter, VanillaDrafter, registry
 from .drafters.hybrid import HybridDrafter
 from .errors import InvalidArgument
 from .loading import eos_token_ids, load_draft_model, load_target
+from .results import GenerationResult, GenerationStats, GenerationStream
 from .sampling import SamplingParams
 from .sizing import engine_sizings
 from .text import OutputText
 from .verification import VerifyRule
 
-# Loading moved to loading.py; its names stay importable from here.
+# Names that lived here before, still importable from here.
+from .drafters.registry import method_components  # noqa: F401
 from .loading import DTYPES, check_same_tokenizer, load_tokenizer, parse_dtype  # noqa: F401
-from .drafters.registry import method_components  # noqa: F401 - the benchmark's old import
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    target_forwards: int = 0  # verification forwards (decoding steps), prefill excluded
-    accept_lengths: list[int] = field(default_factory=list)  # tokens emitted per step
-    drafted_tokens: int = 0  # proposed by the drafter
-    verified_draft_tokens: int = 0  # of those, sent to verification (the sizing's cut)
-    accepted_draft_tokens: int = 0
-    plain_steps: int = 0  # steps that verified no draft (one token, as plain decoding)
-    prefill_time: float = 0.0
-    first_token_time: float = 0.0  # from the start until the first decoding step's tokens
-    draft_time: float = 0.0
-    verify_time: float = 0.0
-    total_time: float = 0.0
-    method: dict[str, Any] = field(default_factory=dict)
-    verify: str = "exact"  # the acceptance rule; anything else is lossy when ``lossy`` says so
-    lossy: bool = False
-
-    def add(self, record: Prefill | Step) -> None:
-        """Fold one record of the decoding loop into the totals (a batched request's prompt
-        may be prefilled in several chunks: their times add up)."""
-        if isinstance(record, Prefill):
-            self.prefill_time += record.seconds
-            return
-        self.target_forwards += 1
-        self.accept_lengths.append(len(record.tokens))
-        self.drafted_tokens += record.drafted
-        self.verified_draft_tokens += record.verified
-        self.accepted_draft_tokens += record.accepted
-        self.plain_steps += record.plain
-        self.draft_time += record.draft_time
-        self.verify_time += record.verify_time
-
-    @property
-    def mean_accepted_tokens(self) -> float:
-        return sum(self.accept_lengths) / len(self.accept_lengths) if self.accept_lengths else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Accepted / verified draft tokens."""
-        return self.accepted_draft_tokens / self.verified_draft_tokens if self.verified_draft_tokens else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.total_time if self.total_time > 0 else 0.0
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        """Tokens after the first step per second after it: decoding speed, prompt excluded
-        (as llama.cpp reports it)."""
-        rest = self.new_tokens - (self.accept_lengths[0] if self.accept_lengths else 0)
-        seconds = self.total_time - self.first_token_time
-        return rest / seconds if rest > 0 and seconds > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.update(
-            mean_accepted_tokens=self.mean_accepted_tokens,
-            acceptance_rate=self.acceptance_rate,
-            tokens_per_second=self.tokens_per_second,
-            decode_tokens_per_second=self.decode_tokens_per_second,
-        )
-        return d
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]  # the new tokens (an EOS that ended generation included)
-    prompt_token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
-    stats: GenerationStats
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "text": self.text,
-            "token_ids": self.token_ids,
-            "prompt_tokens": len(self.prompt_token_ids),
-            "finish_reason": self.finish_reason,
-            "stats": self.stats.to_dict(),
-        }
-
-
-class GenerationStream:
-    """Iterates over text pieces as they are decoded; ``result`` is set once they are exhausted.
-
-    ``generation`` yields the pieces and returns the result (``Engine._generation``)."""
-
-    def __init__(self, generation: Generator[str, None, GenerationResult]):
-        self._generation = generation
-        self.result: GenerationResult | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        try:
-            return next(self._generation)
-        except StopIteration as end:
-            if end.value is not None:  # the first time only: then the generation is over
-                self.result = end.value
-            raise
-
-    def close(self) -> None:
-        self._generation.close()
 
 
 def _check_method(method: str, draft_model) -> None:
@@ -282,7 +181,7 @@ class Engine:
             raise InvalidArgument("method_options", f"auto takes arms, window and explore_every, not {', '.join(others)}")
         explicit = arms is not None
         names = parse_arms(arms, draft_model is not None)
-        if not explicit and not self.target.supports_self_draft:  # the default arms' quant drafts through the target
+        if not explicit and not self.target.supports_self_draft:  # default arms with quant need the native backend
             names = [n for n in names if not registry.needs(n, "self_drafting")] or ["pld"]
         for name in names:
             if registry.needs(name, "draft_model") and draft_model is None:
