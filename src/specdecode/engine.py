@@ -31,8 +31,13 @@ from .text import OutputText
 from .verification import VerifyRule
 
 # Names that lived here before, still importable from here.
-from .drafters.registry import method_components  # noqa: F401
-from .loading import DTYPES, check_same_tokenizer, load_tokenizer, parse_dtype  # noqa: F401
+from .drafters.registry import method_components
+from .loading import DTYPES, check_same_tokenizer, load_tokenizer, parse_dtype
+
+__all__ = [
+    "DTYPES", "Engine", "GenerationResult", "GenerationStats", "GenerationStream", "check_same_tokenizer",
+    "load_tokenizer", "method_components", "parse_dtype",
+]  # fmt: skip
 
 
 def _check_method(method: str, draft_model) -> None:
