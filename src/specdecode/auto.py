@@ -24,8 +24,8 @@ from collections.abc import Generator
 
 from .drafters.base import Drafter
 from .engine import Engine
-from .results import GenerationResult
 from .errors import InvalidArgument
+from .results import GenerationResult
 
 DEFAULT_ARMS = ("pld+quant", "pld", "quant")  # no second model needed (quant: native backend)
 DEFAULT_ARMS_WITH_DRAFT_MODEL = ("pld+sps", "sps", "pld")
