@@ -48,3 +48,21 @@ def test_errors_are_one_clear_line(stories_path):
         assert res.exit_code == 2, (args, res.output)
         assert message in res.output, (args, res.output)
         assert "Traceback" not in res.output
+
+
+def test_shared_options_live_below_the_commands():
+    """cli, bench.cli and server.cli take their shared pieces from cli_options, which imports none of them."""
+    import ast
+    import inspect
+
+    import specdecode.bench.cli as bench_cli
+    import specdecode.cli as cli
+    import specdecode.cli_options as options
+    import specdecode.server.cli as server_cli
+
+    assert cli.fail is options.fail is bench_cli.fail is server_cli.fail
+    assert cli.method_options is options.method_options is server_cli.method_options
+    assert server_cli.serve.__defaults__[0] is options.MODEL_OPTION
+    imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(options))) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"cli", "bench", "server", "bench.cli", "server.cli"}, imported
+    assert options.method_options(["max-ngram=4", "name=x"]) == {"max_ngram": 4, "name": "x"}

@@ -83,3 +83,55 @@ def test_token_id_prompts_and_eos(stories_path):
     ids = engine.encode("Once upon a time")
     assert engine.generate(ids, max_new_tokens=30).token_ids == engine.generate("Once upon a time", max_new_tokens=30).token_ids
     assert 2 in engine.eos_ids  # stories260K's </s>
+
+
+def test_stats_are_the_fold_of_the_step_records():
+    from specdecode.decoding import Prefill, Step
+    from specdecode.results import GenerationStats
+
+    stats = GenerationStats(prompt_tokens=7)
+    for record in (Prefill(0.5), Step((5, 6, 7), 4, 3, 2, 0.25, 0.5), Step((8,), 0, 0, 0, 0.0, 0.25)):
+        stats.add(record)
+    assert (stats.prefill_time, stats.draft_time, stats.verify_time) == (0.5, 0.25, 0.75)
+    assert stats.accept_lengths == [3, 1] and stats.target_forwards == 2
+    assert (stats.drafted_tokens, stats.verified_draft_tokens, stats.accepted_draft_tokens) == (4, 3, 2)
+    assert stats.plain_steps == 1
+    assert stats.new_tokens == 0  # set by whoever knows what was output (stop strings), not folded
+
+
+def test_the_loop_yields_a_prefill_then_immutable_steps(stories_path):
+    import dataclasses
+
+    from specdecode.decoding import Prefill, Step, decode
+
+    engine = Engine.from_pretrained(stories_path, "pld", sizing="fixed", progress=False)
+    ids = engine.encode("The dog ran. The dog ran. The dog ran.")
+    records = list(decode(engine.target, engine.drafter, engine.sizing, engine.verify, engine.eos_ids, ids, 40, GREEDY))
+    assert isinstance(records[0], Prefill) and all(isinstance(r, Step) for r in records[1:])
+    steps = records[1:]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        steps[0].accepted = 0
+    ref = engine.generate(ids, max_new_tokens=40)
+    assert [t for s in steps for t in s.tokens] == ref.token_ids
+    assert [len(s.tokens) for s in steps] == ref.stats.accept_lengths
+    assert sum(s.accepted for s in steps) == ref.stats.accepted_draft_tokens > 0
+    assert all(len(s.tokens) == s.accepted + 1 for s in steps[:-1])  # no EOS or limit before the end
+
+
+def test_output_text_holds_back_a_possible_stop_and_cuts_the_step_at_one():
+    from specdecode.text import OutputText
+
+    from .markov_backend import CharTokenizer  # token i reads as chr(97 + i): 0 -> "a"
+
+    out = OutputText(CharTokenizer(), ["cde"], eos_ids={25})
+    assert out.add([0, 1]) == ([0, 1], "ab")
+    assert out.add([2]) == ([2], "")  # "c" may begin "cde": held back
+    assert out.add([3, 4, 5, 6]) == ([3, 4], "")  # "cde" completes at 4; 5 and 6 are never output
+    assert out.stopped and out.finish_reason == "stop"
+    assert (out.text, out.ids, out.close()) == ("ab", [0, 1, 2, 3, 4], "")
+
+    out = OutputText(CharTokenizer(), [], eos_ids={25})
+    assert out.add([7, 25]) == ([7, 25], "hz") and out.finish_reason == "stop" and not out.stopped
+    out = OutputText(CharTokenizer(), ["cde"], eos_ids={25})
+    assert out.add([2, 3]) == ([2, 3], "") and out.finish_reason == "length"
+    assert out.close() == "cd"  # the end: nothing more can complete the stop string

@@ -183,3 +183,24 @@ def test_one_slow_drafting_step_does_not_keep_a_drafter_off():
         else:
             sizing.record(StepRecord(100, Draft(), Draft(), [], 1, 0.0, sizing.cost.forward(1, 100)))
     assert drafted >= 36  # after the guard's first plain steps, drafting (measured faster) wins
+
+
+def test_which_policy_an_engine_runs(monkeypatch):
+    from specdecode.drafters import PromptLookupDrafter, VanillaDrafter
+    from specdecode.sizing import FixedSizing, engine_sizings
+
+    monkeypatch.delenv("SPECDECODE_SIZING", raising=False)
+    pld = PromptLookupDrafter()
+
+    def policy(drafter=pld, **kw):
+        args = {"draft_length": None, "adaptive": None, "sizing": None, **kw}
+        return engine_sizings(drafter, None, **args)  # the target is only measured when payoff begins
+
+    chosen, seeded = policy()
+    assert isinstance(chosen, PayoffSizing) and isinstance(seeded, FixedSizing) and seeded.adaptive
+    chosen, seeded = policy(draft_length=3)  # a length asked for is a length kept
+    assert chosen is seeded and chosen.name == "fixed" and chosen.initial == 3
+    assert policy(adaptive=True)[0].name == "adaptive" and policy(adaptive=False, sizing="payoff")[0].name == "payoff"
+    assert policy(VanillaDrafter(), sizing="payoff")[0].name == "fixed"  # nothing to size
+    monkeypatch.setenv("SPECDECODE_SIZING", "adaptive")
+    assert policy()[0].name == "adaptive" and policy(draft_length=2)[0].name == "fixed"

@@ -22,7 +22,7 @@ def stories_pld(stories_path):
 def test_sampling_generator_lives_on_the_models_device(stories_pld, monkeypatch):
     """The generator must be on the device the logits are sampled on (a CPU generator with CUDA
     logits fails): the engine asks for one on its target's device."""
-    import specdecode.engine as engine_module
+    import specdecode.decoding as decoding_module
 
     devices = []
 
@@ -30,7 +30,7 @@ def test_sampling_generator_lives_on_the_models_device(stories_pld, monkeypatch)
         devices.append(device)
         return make_generator(device, seed)
 
-    monkeypatch.setattr(engine_module, "make_generator", recording)
+    monkeypatch.setattr(decoding_module, "make_generator", recording)
     stories_pld.generate("Once upon a time", max_new_tokens=4, temperature=1.0, seed=3)
     assert devices == [stories_pld.target.device]
     assert make_generator(torch.device("cpu"), 5).device == torch.device("cpu")

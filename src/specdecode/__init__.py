@@ -1,6 +1,7 @@
 """specdecode: lossless speculative decoding for Hugging Face causal LMs."""
 
-from .engine import Engine, GenerationResult, GenerationStats, GenerationStream
+from .engine import Engine
+from .results import GenerationResult, GenerationStats, GenerationStream
 from .errors import InvalidArgument, ModelLoadError, SpecDecodeError
 from .sampling import SamplingParams
 

@@ -20,11 +20,12 @@ output only with the same drafts, so a seeded request always runs the first arm.
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterator
+from collections.abc import Generator
 
 from .drafters.base import Drafter
 from .engine import Engine
 from .errors import InvalidArgument
+from .results import GenerationResult
 
 DEFAULT_ARMS = ("pld+quant", "pld", "quant")  # no second model needed (quant: native backend)
 DEFAULT_ARMS_WITH_DRAFT_MODEL = ("pld+sps", "sps", "pld")
@@ -116,14 +117,14 @@ class AutoEngine(Engine):
         self.chooser, self.arm_engines = chooser, arm_engines
         self.model_path, self.backend_name = base.model_path, base.backend_name
 
-    def _pieces(self, prompt_ids, max_new_tokens, params, stop, holder) -> Iterator[str]:
+    def _generation(self, prompt_ids, max_new_tokens, params, stop) -> Generator[str, None, GenerationResult]:
         seeded = params.seed is not None and not params.greedy
         name = self.chooser.arms[0] if seeded else self.chooser.choose()
         arm = self.arm_engines[name]
         arm.eos_ids = self.eos_ids  # a caller may have changed them on this engine
-        yield from arm._pieces(prompt_ids, max_new_tokens, params, stop, holder)
-        if holder is not None and holder.result is not None:
-            s = holder.result.stats
-            if not seeded:
-                self.chooser.record(name, s.new_tokens, s.total_time - s.prefill_time)
-            s.method = {"auto.arm": name, **self.chooser.stats(), **s.method}
+        result = yield from arm._generation(prompt_ids, max_new_tokens, params, stop)
+        s = result.stats
+        if not seeded:
+            self.chooser.record(name, s.new_tokens, s.total_time - s.prefill_time)
+        s.method = {"auto.arm": name, **self.chooser.stats(), **s.method}
+        return result

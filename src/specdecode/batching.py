@@ -35,10 +35,10 @@ them (speculation off, or many seeded requests at once), it stays correctly dist
 differ from the lone run.
 
 Drafters hold per-request state, so every request gets its own copy of the engine's drafter
-(model-free methods: vanilla, pld, suffix, recycle, suffix+recycle, lookahead, and hybrids of
-them; a suffix store of earlier requests is shared, read-only; a custom drafter may declare
-``batchable = True``). Methods that keep their own
-model cache in step with the target's (sps, swift, quant) or a datastore (rest) are refused.
+(the methods the registry declares ``batchable``, model-free ones, and hybrids of them; a suffix
+store of earlier requests is shared, read-only; a custom drafter may declare
+``batchable = True``). Methods that keep a model cache in step with one sequence (their own or
+the target's: sps, swift, quant) or read a datastore (rest) are refused.
 """
 
 from __future__ import annotations
@@ -52,13 +52,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends.batched import BatchedCache, Segment
+from .decoding import Prefill, Step, emitted_tokens, synchronize
 from .draft import Draft, verify_sampling
+from .drafters import registry
 from .errors import InvalidArgument
 from .sampling import SamplingParams, make_generator
 from .sizing import AcceptanceModel, FixedSizing, StepRecord
-from .text import IncrementalDetokenizer, find_stop, safe_end, trim_to_stop
+from .text import OutputText
 
-BATCHABLE_METHODS = ("vanilla", "pld", "suffix", "recycle", "suffix+recycle", "lookahead")
 DEFAULT_MAX_BATCH_TOKENS = 64  # without a cost measurement
 PREFILL_RESERVE = 4  # a waiting prompt gets at least 1/this of the budget per step
 
@@ -82,10 +83,6 @@ def budget_from_cost(cost, context: int = 128, factor: float = 2.0, low: int = 1
     return max(low, min(best, high))
 
 
-def _method_parts(name: str) -> list[str]:
-    return [name] if name in BATCHABLE_METHODS else name.split("+")
-
-
 def check_batchable(engine) -> None:
     """Refuse engines whose method cannot run in a batch (see the module docstring)."""
     drafter = getattr(engine, "drafter", None)
@@ -94,11 +91,18 @@ def check_batchable(engine) -> None:
         raise InvalidArgument("method", "method 'auto' chooses per request and cannot batch; pick a method")
     if getattr(drafter, "batchable", False):  # a custom drafter that declares itself copyable per request
         return
-    if not all(p in BATCHABLE_METHODS for p in _method_parts(name)):
+    try:
+        ok = registry.batchable(name)
+    except InvalidArgument:  # a custom drafter that does not say
+        ok = False
+    if not ok:
+        refused = registry.names(batchable=False)
+        with_models = [n for n in refused if not registry.REGISTRY[n].datastore]
+        datastores = [n for n in refused if registry.REGISTRY[n].datastore]
         raise InvalidArgument(
-            "method", f"batched generation supports the model-free methods {', '.join(BATCHABLE_METHODS)} "
-            f"(and hybrids of them), not {name!r}: a drafter with its own model cache (sps, swift, quant) or "
-            "a datastore (rest) runs one request at a time"
+            "method", f"batched generation supports the model-free methods {', '.join(registry.names(batchable=True))} "
+            f"(and hybrids of them), not {name!r}: a drafter with a model cache in step with one sequence "
+            f"({', '.join(with_models)}) or a datastore ({', '.join(datastores)}) runs one request at a time"
         )  # fmt: skip
 
 
@@ -153,8 +157,7 @@ class BatchRequest:
     tokens: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens cached so far (of prompt[:-1])
     generated: int = 0
-    detok: IncrementalDetokenizer | None = None
-    emitted: int = 0
+    output: OutputText | None = None
     finish_reason: str = "length"
     cancelled: bool = False
     stats: object = None
@@ -244,7 +247,7 @@ class BatchScheduler:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def _admit(self, req: BatchRequest) -> None:
-        from .engine import GenerationStats
+        from .results import GenerationStats
 
         eng = self.engine
         req.drafter = copy.deepcopy(eng.drafter, dict(self._shared))
@@ -257,30 +260,24 @@ class BatchScheduler:
         req.generator = None if req.params.greedy else make_generator(eng.target.device, req.params.seed)
         req.slot = self.cache.allocate()
         req.tokens = list(req.prompt_ids)
-        req.detok = IncrementalDetokenizer(eng.tokenizer)
-        req.stats = GenerationStats(prompt_tokens=len(req.prompt_ids))
-        req.stats.verify, req.stats.lossy = eng.verify.describe(), eng.verify.lossy
+        req.output = OutputText(eng.tokenizer, req.stop, eng.eos_ids)
+        req.stats = GenerationStats(prompt_tokens=len(req.prompt_ids), verify=eng.verify.describe(), lossy=eng.verify.lossy)
         req.drafter.begin(list(req.prompt_ids))
         req.status = "prefill" if len(req.prompt_ids) > 1 else "decode"
         req.t_start = time.perf_counter()
         self.running.append(req)
 
-    def _finish(self, req: BatchRequest, reason: str, flush: bool = True) -> str:
+    def _finish(self, req: BatchRequest, reason: str) -> str:
         """Close ``req``: its result, its slot back. Returns the text released now."""
-        from .engine import GenerationResult
+        from .results import GenerationResult
 
-        tail = ""
-        if flush:
-            req.detok.flush()
-        if req.emitted < len(req.detok.text):
-            tail = req.detok.text[req.emitted :]
-            req.emitted = len(req.detok.text)
+        tail = req.output.close()
         stats = req.stats
-        stats.new_tokens = len(req.detok.ids)
+        stats.new_tokens = len(req.output.ids)
         stats.total_time = time.perf_counter() - req.t_start
         stats.method = {**req.drafter.stats(), **req.sizing.stats(), "batched": True,
                         "max_batch_tokens": self.max_batch_tokens, "max_num_seqs": self.max_num_seqs}  # fmt: skip
-        req.result = GenerationResult(req.detok.text, list(req.detok.ids), list(req.prompt_ids), reason, stats)
+        req.result = GenerationResult(req.output.text, list(req.output.ids), list(req.prompt_ids), reason, stats)
         req.finish_reason = reason
         req.status = "done"
         self.cache.release(req.slot)
@@ -306,7 +303,7 @@ class BatchScheduler:
         t0 = time.perf_counter()
         segments = [self._segment(p) for p in plans]
         logits = self.cache.forward(segments)
-        self.engine._sync()
+        synchronize(self.engine.target.device)
         forward_seconds = time.perf_counter() - t0
         self.steps += 1
         self.last_step = {
@@ -320,7 +317,7 @@ class BatchScheduler:
             req = plan.request
             if plan.kind == "prefill":
                 req.prefilled += len(plan.ids)
-                req.stats.prefill_time += forward_seconds
+                req.stats.add(Prefill(forward_seconds))
                 if req.prefilled == len(req.prompt_ids) - 1:
                     req.status = "decode"
                 continue
@@ -331,7 +328,7 @@ class BatchScheduler:
 
     def _admit_cancelled(self, req: BatchRequest, outputs: list[StepOutput]) -> None:
         """A request cancelled before it joined: an empty result."""
-        from .engine import GenerationResult, GenerationStats
+        from .results import GenerationResult, GenerationStats
 
         stats = GenerationStats(prompt_tokens=len(req.prompt_ids))
         req.result = GenerationResult("", [], list(req.prompt_ids), "cancelled", stats)
@@ -406,8 +403,8 @@ class BatchScheduler:
         return Segment(req.slot, ids, positions=positions, tree_mask=draft.tree_mask())
 
     def _verify(self, plan: _Plan, logits: torch.Tensor, forward_seconds: float) -> StepOutput | None:
-        """As one step of ``Engine._steps`` (verification, cache, drafter, stop conditions) and of
-        ``Engine._pieces`` (text, stop strings) for one request."""
+        """As one step of ``decoding.decode`` (verification, cache, drafter, stop conditions) and of
+        ``Engine._generation`` (text, stop strings, statistics) for one request."""
         req, draft, eng = plan.request, plan.draft, self.engine
         t3 = time.perf_counter()
         if req.params.greedy:
@@ -416,12 +413,7 @@ class BatchScheduler:
             path, nxt = verify_sampling(draft, logits, req.params, req.generator)
         self.cache.keep(req.slot, plan.start, [0] + [n + 1 for n in path])
         req.drafter.observe(req.tokens[-1], draft, logits)
-        new = [draft.tokens[n] for n in path] + [nxt]
-        for i, tok in enumerate(new):
-            if tok in eng.eos_ids:
-                new = new[: i + 1]
-                break
-        new = new[: req.max_new_tokens - req.generated]
+        new = emitted_tokens(draft, path, nxt, eng.eos_ids, req.max_new_tokens - req.generated)
         req.tokens.extend(new)
         req.drafter.update(req.tokens, len(path), draft)
         t4 = time.perf_counter()
@@ -433,41 +425,16 @@ class BatchScheduler:
                 conf = draft.confidence[i] if draft.confidence else None
                 req.acceptance.learn(conf, depths[i], i in on_path)
         req.generated += len(new)
-        s = req.stats
-        s.target_forwards += 1
-        s.accept_lengths.append(len(new))
-        s.drafted_tokens += len(plan.proposed)
-        s.verified_draft_tokens += len(draft)
-        s.accepted_draft_tokens += len(path)
-        s.plain_steps += not len(draft)
-        s.draft_time += draft_seconds
-        s.verify_time += forward_seconds
-        if not s.first_token_time:
-            s.first_token_time = time.perf_counter() - req.t_start
-
-        # Text and stop strings, as Engine._pieces.
-        detok = req.detok
-        before = len(detok.ids)
-        detok.add(new)
-        finish = None
-        if detok.ids[-1] in eng.eos_ids:
-            finish = "stop"
-        hit = find_stop(detok.text, req.stop, req.emitted) if req.stop else None
-        if hit is not None:
-            detok.ids = trim_to_stop(eng.tokenizer, detok.ids, req.stop, keep=before + 1)
-            detok.text = detok.text[:hit]
-            s.accept_lengths[-1] -= before + len(new) - len(detok.ids)
-            kept = new[: len(detok.ids) - before]
-            return StepOutput(req, kept, self._finish(req, "stop", flush=False), True)
-        safe = safe_end(detok.text, req.stop)
-        piece = ""
-        if safe > req.emitted:
-            piece = detok.text[req.emitted : safe]
-            req.emitted = safe
-        if finish is None and (req.generated >= req.max_new_tokens or self.cache.lengths[req.slot] >= self.cache.max_length):
-            finish = "length"
-        if finish is not None:
-            return StepOutput(req, new, piece + self._finish(req, finish), True)
+        if not req.stats.first_token_time:
+            req.stats.first_token_time = time.perf_counter() - req.t_start
+        # Text and stop strings, as Engine._generation: the tokens after a stop string were never output.
+        kept, piece = req.output.add(new)
+        req.stats.add(Step(tuple(kept), len(plan.proposed), len(draft), len(path), draft_seconds, forward_seconds))
+        if req.output.stopped:
+            return StepOutput(req, kept, piece + self._finish(req, "stop"), True)
+        full = req.generated >= req.max_new_tokens or self.cache.lengths[req.slot] >= self.cache.max_length
+        if req.output.finish_reason == "stop" or full:  # an EOS ("stop"), or no room left ("length")
+            return StepOutput(req, new, piece + self._finish(req, req.output.finish_reason), True)
         return StepOutput(req, new, piece, False)
 
 

@@ -1,6 +1,7 @@
 """The ``specdecode`` command line: a thin layer over the Python API.
 
-Each subcommand lives with its feature; this module only gathers them.
+Each subcommand lives with its feature; this module only gathers them. What the commands share
+(options, ``fail``, ``-o`` parsing) is in ``cli_options.py``.
 """
 
 from __future__ import annotations
@@ -11,59 +12,17 @@ from typing import Optional
 
 import typer
 
+from .cli_options import (
+    ADAPTIVE_OPTION, BACKEND_OPTION, DEVICE_OPTION, DRAFT_LENGTH_OPTION, DRAFT_MODEL_OPTION, DRAFT_QUANT_OPTION,
+    DTYPE_OPTION, METHOD_OPTION, METHOD_OPTIONS_OPTION, MODEL_OPTION, QUANTIZE_OPTION, VERIFY_OPTION, fail,
+    method_options,
+)  # fmt: skip
 from .errors import SpecDecodeError
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Lossless speculative decoding for Hugging Face causal LMs: faster generation, identical output.",
-)
-
-
-def fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-def method_options(options: list[str] | None) -> dict:
-    """``--option key=value`` pairs -> keyword arguments (values parsed as JSON when they can be)."""
-    out = {}
-    for item in options or []:
-        if "=" not in item:
-            fail(f"--option: expected key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip().replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip().replace("-", "_")] = value
-    return out
-
-
-# Options shared by the commands that load an engine (generate, serve).
-MODEL_OPTION = typer.Option("smollm2-135m", "--model", "-m", help="Model folder or known name.")
-METHOD_OPTION = typer.Option(
-    "vanilla", help="Decoding method: vanilla, sps, pld, swift, quant, suffix, recycle, suffix+recycle, lookahead, "
-    "rest; A+B: B where A has no draft (pld+quant); auto: per request, the fastest so far of -o arms=...",
-)
-DRAFT_MODEL_OPTION = typer.Option(None, help="Draft model for --method sps.")
-DRAFT_LENGTH_OPTION = typer.Option(None, help="Tokens drafted per step (method default if unset).")
-ADAPTIVE_OPTION = typer.Option(
-    None, "--adaptive/--fixed",
-    help="Draft sizing. Default: by expected payoff under the target's measured cost curve (a plain step when "
-    "no draft pays). --adaptive: grow by 2 after a fully accepted draft, shrink by 1 otherwise. --fixed: always "
-    "--draft-length (also the default when --draft-length is given).",
-)  # fmt: skip
-METHOD_OPTIONS_OPTION = typer.Option(None, "--option", "-o", help="Method option key=value (repeatable).")
-DTYPE_OPTION = typer.Option("auto", help="auto, float32, bfloat16 or float16.")
-BACKEND_OPTION = typer.Option("auto", help="auto (native when supported), native or hf.")
-DEVICE_OPTION = typer.Option("cpu", help="cpu, cuda, cuda:1, ...")
-QUANTIZE_OPTION = typer.Option(
-    None, help="Serve the model itself quantized, weight-only: int4, int4-gN (N = 32, 64, 128, 256) or int8. "
-    "Output is then exact against the quantized model, not the original (native backend)."
-)
-DRAFT_QUANT_OPTION = typer.Option(None, help="Quantize the --draft-model of sps: int4, int4-gN or int8.")
-VERIFY_OPTION = typer.Option(
-    "exact", help="Acceptance rule: exact (lossless), or specdec (LOSSY, greedy only; -o beta=3 -o tau=1.0)."
 )
 
 
@@ -151,15 +110,15 @@ def list_models():
 
 @app.command()
 def tune(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model folder or known name."),
+    model: str = MODEL_OPTION,
     out: str = typer.Option(..., "--out", help="Skip-set file to write (JSON); reused with -o skip_set_file=..."),
     questions: Optional[str] = typer.Option(None, help="Spec-Bench question.jsonl (default: the built-in suite)."),
     task: Optional[str] = typer.Option(None, help="Tune on one subtask only, and record it in the file."),
     max_new_tokens: int = typer.Option(128, help="Tokens generated per prompt while tuning."),
     max_prompts: int = typer.Option(50, help="Most prompts to run before giving up."),
     option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="SWIFT option key=value (repeatable)."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
-    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+    dtype: str = DTYPE_OPTION,
+    device: str = DEVICE_OPTION,
 ):
     """Run SWIFT's layer-set search over prompts until it settles, and save the chosen set."""
     from pathlib import Path
@@ -197,7 +156,7 @@ def tune(
 
 @app.command()
 def doctor(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model folder or known name."),
+    model: str = MODEL_OPTION,
     dtype: str = typer.Option("bfloat16", help="The dtype to check (bit-exactness is promised in bfloat16)."),
     device: str = DEVICE_OPTION,
     prompts: int = typer.Option(6, help="Prompts decoded with plain decoding and with the method, compared."),
@@ -240,7 +199,7 @@ def datastore_build(
     import os
 
     from .datastore import build_datastore
-    from .engine import load_tokenizer
+    from .loading import load_tokenizer
     from .hub import resolve_model
 
     try:

@@ -1,169 +1,48 @@
-"""The engine: a target model, its tokenizer and a drafter, and the decoding loop that joins them.
+"""The engine: a target model, its tokenizer and a drafter, joined by the decoding loop.
 
-    propose (drafter) -> verify in one target forward -> accept -> roll back -> repeat
-
-Invariant of the loop: the target's KV cache holds every token of the sequence but the last;
-that last token is the root of the next draft and the first token of the next verification
-forward. The output is exactly plain decoding's: greedy keeps the longest draft prefix equal to
-the target's argmax plus the target's own next token; sampling uses lossless speculative
-sampling (``draft.verify_sampling``).
+Where the parts live: the loop (propose -> verify in one target forward -> accept -> roll back)
+in ``decoding.py``; text and stop strings in ``text.py``; statistics and results in
+``results.py``; loading in ``loading.py``; the methods and their needs in
+``drafters/registry.py``; the draft-length policy in ``sizing.py``. This module builds engines
+and runs requests through them.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Generator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .backends import Backend, load_backend
+from .backends import Backend
 from .backends.quant import QuantConfig
-from .draft import Draft, verify_sampling
-from .drafters import METHODS, Drafter, DraftModelDrafter, VanillaDrafter
+from .decoding import Step, decode
+from .drafters import Drafter, VanillaDrafter, registry
 from .drafters.hybrid import HybridDrafter
-from .errors import InvalidArgument, ModelLoadError
-from .hub import resolve_model
-from .costmodel import CostModel
-from .sampling import SamplingParams, make_generator
-from .sizing import FixedSizing, StepRecord, make_sizing
-from .text import IncrementalDetokenizer, find_stop, safe_end, trim_to_stop
+from .errors import InvalidArgument
+from .loading import eos_token_ids, load_draft_model, load_target
+from .results import GenerationResult, GenerationStats, GenerationStream
+from .sampling import SamplingParams
+from .sizing import engine_sizings
+from .text import OutputText
 from .verification import VerifyRule
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}  # fmt: skip
+# Names that lived here before, still importable from here.
+from .drafters.registry import method_components
+from .loading import DTYPES, check_same_tokenizer, load_tokenizer, parse_dtype
 
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """'auto'/None -> the model's own dtype; else a name from DTYPES or a torch dtype."""
-    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
-        return None if dtype == "auto" else dtype
-    if dtype not in DTYPES:
-        raise InvalidArgument("dtype", f"expected auto or one of {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    target_forwards: int = 0  # verification forwards (decoding steps), prefill excluded
-    accept_lengths: list[int] = field(default_factory=list)  # tokens emitted per step
-    drafted_tokens: int = 0  # proposed by the drafter
-    verified_draft_tokens: int = 0  # of those, sent to verification (the sizing's cut)
-    accepted_draft_tokens: int = 0
-    plain_steps: int = 0  # steps that verified no draft (one token, as plain decoding)
-    prefill_time: float = 0.0
-    first_token_time: float = 0.0  # from the start until the first decoding step's tokens
-    draft_time: float = 0.0
-    verify_time: float = 0.0
-    total_time: float = 0.0
-    method: dict[str, Any] = field(default_factory=dict)
-    verify: str = "exact"  # the acceptance rule; anything else is lossy when ``lossy`` says so
-    lossy: bool = False
-
-    @property
-    def mean_accepted_tokens(self) -> float:
-        return sum(self.accept_lengths) / len(self.accept_lengths) if self.accept_lengths else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Accepted / verified draft tokens."""
-        return self.accepted_draft_tokens / self.verified_draft_tokens if self.verified_draft_tokens else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.total_time if self.total_time > 0 else 0.0
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        """Tokens after the first step per second after it: decoding speed, prompt excluded
-        (as llama.cpp reports it)."""
-        rest = self.new_tokens - (self.accept_lengths[0] if self.accept_lengths else 0)
-        seconds = self.total_time - self.first_token_time
-        return rest / seconds if rest > 0 and seconds > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.update(
-            mean_accepted_tokens=self.mean_accepted_tokens,
-            acceptance_rate=self.acceptance_rate,
-            tokens_per_second=self.tokens_per_second,
-            decode_tokens_per_second=self.decode_tokens_per_second,
-        )
-        return d
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]  # the new tokens (an EOS that ended generation included)
-    prompt_token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
-    stats: GenerationStats
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "text": self.text,
-            "token_ids": self.token_ids,
-            "prompt_tokens": len(self.prompt_token_ids),
-            "finish_reason": self.finish_reason,
-            "stats": self.stats.to_dict(),
-        }
-
-
-class GenerationStream:
-    """Iterates over text pieces as they are decoded; ``result`` is set once it is exhausted."""
-
-    def __init__(self, pieces: Iterator[str]):
-        self._pieces = pieces
-        self.result: GenerationResult | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        return next(self._pieces)
-
-    def close(self) -> None:
-        self._pieces.close()  # type: ignore[attr-defined]
-
-
-def _components(method: str) -> list[str]:
-    """A method, or a hybrid ``A+B`` of two (see drafters/hybrid.py)."""
-    if not isinstance(method, str):
-        raise InvalidArgument("method", f"expected a method name, got {method!r}")
-    parts = [method] if method in METHODS or "+" not in method else method.split("+")
-    for part in parts:
-        if part not in METHODS:
-            raise InvalidArgument(
-                "method", f"expected one of {', '.join(METHODS)} or two of them joined by '+', got {method!r}"
-            )
-    if len(parts) > 2 or "vanilla" in parts and len(parts) > 1 or len(set(parts)) < len(parts):
-        raise InvalidArgument("method", f"a hybrid joins two different drafting methods (e.g. pld+sps), got {method!r}")
-    return parts
-
-
-def method_components(method: str) -> list[str]:
-    """The registered methods ``method`` is made of: itself, the two of a hybrid ``A+B``, or
-    none for ``auto`` (which chooses among others). Raises InvalidArgument for an unknown name."""
-    return [] if method == "auto" else _components(method)
+__all__ = [
+    "DTYPES", "Engine", "GenerationResult", "GenerationStats", "GenerationStream", "check_same_tokenizer",
+    "load_tokenizer", "method_components", "parse_dtype",
+]  # fmt: skip
 
 
 def _check_method(method: str, draft_model) -> None:
-    if method == "auto":  # its arms are checked when they are built
-        return
-    parts = _components(method)
-    if "sps" in parts and draft_model is None:
-        raise InvalidArgument("draft_model", f"method {method!r} needs a draft model (same tokenizer as the target)")
-    if "sps" not in parts and draft_model is not None:
-        raise InvalidArgument("draft_model", f"only method 'sps' uses a draft model, not {method!r}")
+    if method != "auto":  # auto's arms are checked when they are built
+        registry.check_draft_model(method, draft_model)
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -195,20 +74,10 @@ class Engine:
         self.method = drafter.name
         self.model_path: Path | None = getattr(tokenizer, "name_or_path", None) and Path(tokenizer.name_or_path)
         self.backend_name = target.name
-        k = drafter.default_draft_length if draft_length is None else draft_length
-        if sizing is None and adaptive is not None:  # --adaptive / --fixed
-            sizing = "adaptive" if adaptive else "fixed"
-        if sizing is None and draft_length is not None:  # a length asked for is a length kept
-            sizing = "fixed"
-        if sizing is None:  # a deployment's (or a test module's) default; else payoff
-            sizing = os.environ.get("SPECDECODE_SIZING") or None
-        if isinstance(drafter, VanillaDrafter):
-            sizing = "fixed"  # nothing to size
-        self.sizing = make_sizing(sizing, k, max(max_draft_length, k), lambda: CostModel.for_target(target))
-        # Seeded sampling must repeat itself, so its drafts cannot depend on timings: such a
-        # request sizes its drafts by the (deterministic) grow/shrink rule instead.
-        self.seeded_sizing = self.sizing if isinstance(self.sizing, FixedSizing) else FixedSizing(k, adaptive=True)
-        self.eos_ids = self._eos_ids() if eos_ids is None else set(eos_ids)
+        self.sizing, self.seeded_sizing = engine_sizings(
+            drafter, target, draft_length=draft_length, adaptive=adaptive, sizing=sizing, max_draft_length=max_draft_length
+        )
+        self.eos_ids = eos_token_ids(tokenizer, target) if eos_ids is None else set(eos_ids)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -240,15 +109,9 @@ class Engine:
         acceptance rule (see verification.py).
         """
         _check_method(method, draft_model)
-        torch_dtype = parse_dtype(dtype)
-        quant = None if quantize is None else QuantConfig.parse(quantize, "quantize")
-        try:
-            torch.device(device)
-        except (RuntimeError, TypeError):
-            raise InvalidArgument("device", f"expected a torch device such as cpu or cuda:0, got {device!r}") from None
-        path = resolve_model(str(model), progress=progress)
-        tokenizer = load_tokenizer(path)
-        target = load_backend(path, backend, dtype=torch_dtype, device=device, max_length=max_length, quantize=quant)
+        path, tokenizer, target = load_target(
+            model, backend=backend, dtype=dtype, device=device, max_length=max_length, quantize=quantize, progress=progress
+        )
         engine = cls(target, tokenizer, VanillaDrafter(), model_name=Path(str(model)).name)
         engine.model_path, engine.backend_name = path, backend
         return engine.with_method(
@@ -277,32 +140,29 @@ class Engine:
         if method == "auto":
             return self._auto(draft_model=draft_model, sizing=sizing, progress=progress, draft_quant=draft_quant,
                               verify=verify, **method_options)  # fmt: skip
-        parts = _components(method)
+        parts = [m.name for m in registry.components(method)]
         if len(parts) > 1 and method_options:
             raise InvalidArgument("method_options", f"hybrid {method!r}: options go to its methods one at a time; "
                                   "none are taken here")  # fmt: skip
         rule = VerifyRule.parse(verify, method_options)
-        if draft_quant is not None and "sps" not in parts:
-            raise InvalidArgument("draft_quant", f"only method 'sps' has a draft model to quantize, not {method!r}")
+        registry.check_draft_quant(method, draft_quant)
 
         built = {} if _shared is None else _shared  # auto's arms share drafters (one quantized copy)
 
         def build(name: str) -> Drafter:
             if name in built:
                 return built[name]
-            if name == "sps":
-                draft_q = None if draft_quant is None else QuantConfig.parse(draft_quant, "draft_quant")
-                draft_path = resolve_model(str(draft_model), progress=progress)
-                check_same_tokenizer(self.tokenizer, load_tokenizer(draft_path), self.model_path, draft_path)
-                draft = load_backend(
-                    draft_path, self.backend_name, dtype=self.target.dtype, device=self.target.device,
-                    max_length=self.target.max_length, quantize=draft_q,
+            known = registry.REGISTRY[name]
+            if known.draft_model:
+                draft = load_draft_model(
+                    draft_model, target=self.target, tokenizer=self.tokenizer, target_path=self.model_path,
+                    backend=self.backend_name, draft_quant=draft_quant, progress=progress,
                 )  # fmt: skip
-                return DraftModelDrafter(draft, **method_options)
+                return known.drafter(draft, **method_options)
             options = dict(method_options)
-            if getattr(METHODS[name], "uses_tokenizer", False):
+            if known.reads_text:
                 options.setdefault("tokenizer", self.tokenizer)  # e.g. to read a corpus
-            return METHODS[name].create(self.target, **options)
+            return known.drafter.create(self.target, **options)
 
         try:
             drafters = [build(name) for name in parts]
@@ -326,46 +186,24 @@ class Engine:
             raise InvalidArgument("method_options", f"auto takes arms, window and explore_every, not {', '.join(others)}")
         explicit = arms is not None
         names = parse_arms(arms, draft_model is not None)
-        if not explicit and not (hasattr(self.target, "layers") and self.target.supports_skip):
-            names = [n for n in names if "quant" not in _components(n)] or ["pld"]  # quant: native backend only
+        if not explicit and not self.target.supports_self_draft:  # default arms with quant need the native backend
+            names = [n for n in names if not registry.needs(n, "self_drafting")] or ["pld"]
         for name in names:
-            parts = _components(name)
-            if "sps" in parts and draft_model is None:
+            if registry.needs(name, "draft_model") and draft_model is None:
                 raise InvalidArgument("draft_model", f"auto's arm {name!r} needs a draft model")
-        if draft_model is not None and not any("sps" in _components(n) for n in names):
+        if draft_model is not None and not any(registry.needs(n, "draft_model") for n in names):
             raise InvalidArgument("draft_model", f"none of auto's arms ({', '.join(names)}) uses a draft model")
         chooser = ArmChooser(names, window=window, explore_every=explore_every)
         shared: dict[str, Drafter] = {}
 
         def arm(name: str) -> Engine:
-            sps = "sps" in _components(name)
+            uses = registry.needs(name, "draft_model")
             return self.with_method(
-                name, draft_model=draft_model if sps else None, sizing=sizing, progress=progress,
-                draft_quant=draft_quant if sps else None, verify=verify, _shared=shared,
+                name, draft_model=draft_model if uses else None, sizing=sizing, progress=progress,
+                draft_quant=draft_quant if uses else None, verify=verify, _shared=shared,
             )  # fmt: skip
 
         return AutoEngine(self, {name: arm(name) for name in names}, chooser)
-
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        gen_cfg = getattr(getattr(self.target, "model", None), "generation_config", None)
-        sources = [getattr(self.tokenizer, "eos_token_id", None)]
-        path = getattr(self.tokenizer, "name_or_path", None)
-        if gen_cfg is None and path:
-            try:
-                from transformers import GenerationConfig
-
-                gen_cfg = GenerationConfig.from_pretrained(path)
-            except Exception:  # noqa: BLE001 - no generation_config.json is fine
-                gen_cfg = None
-        if gen_cfg is not None:
-            sources.append(gen_cfg.eos_token_id)
-        for s in sources:
-            if isinstance(s, int):
-                ids.add(s)
-            elif isinstance(s, (list, tuple)):
-                ids.update(int(i) for i in s)
-        return ids
 
     # ---- input --------------------------------------------------------------------------------
     def encode(self, prompt: str | list[dict] | list[int], *, tokenizer=None) -> list[int]:
@@ -402,121 +240,40 @@ class Engine:
             )
         return ids
 
-    # ---- the decoding loop --------------------------------------------------------------------
-    def _sync(self) -> None:
-        if self.target.device.type == "cuda":
-            torch.cuda.synchronize(self.target.device)
+    # ---- decoding ----------------------------------------------------------------------------
+    def _sizing_for(self, params: SamplingParams):
+        """Seeded sampling must repeat itself, so its drafts cannot depend on timings."""
+        return self.seeded_sizing if params.seed is not None and not params.greedy else self.sizing
 
-    def _steps(
-        self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams, stats: GenerationStats
-    ) -> Iterator[list[int]]:
-        """Yield the tokens each decoding step emits (EOS included, nothing after it)."""
-        target, drafter = self.target, self.drafter
-        generator = None if params.greedy else make_generator(target.device, params.seed)
-        sizing = self.seeded_sizing if params.seed is not None and not params.greedy else self.sizing
-        sizing.begin()  # may measure the cost curve: before the cache is filled
-        stats.verify, stats.lossy = self.verify.describe(), self.verify.lossy
-        target.reset()
-        drafter.begin(prompt_ids)
-        tokens = list(prompt_ids)
+    def _generation(
+        self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams, stop: list[str]
+    ) -> Generator[str, None, GenerationResult]:
+        """Text pieces as the loop's steps arrive (stop strings applied); returns the result,
+        its statistics folded from the loop's records."""
+        sizing = self._sizing_for(params)
+        stats = GenerationStats(prompt_tokens=len(prompt_ids), verify=self.verify.describe(), lossy=self.verify.lossy)
+        out = OutputText(self.tokenizer, stop, self.eos_ids)
         t0 = time.perf_counter()
-        if len(tokens) > 1:
-            target.forward(torch.tensor(tokens[:-1]), logits_rows=None)
-        self._sync()
-        stats.prefill_time = time.perf_counter() - t0
-        generated = 0
-        while generated < max_new_tokens and target.length < target.max_length:
-            start = target.length
-            # Room: the verification block (root + nodes) must fit, and no point drafting past the end.
-            room = min(max_new_tokens - generated - 1, target.max_length - start - 1)
-            budget = min(sizing.budget(start), room) if room > 0 else 0
-            t1 = time.perf_counter()
-            proposed = drafter.propose(tokens, budget, params, generator).head(budget) if budget > 0 else Draft()
-            draft = sizing.cut(proposed, start)  # what is worth verifying; depends on the past only
-            t2 = time.perf_counter()
-            block = torch.tensor([tokens[-1]] + draft.tokens)
-            if draft.is_chain:
-                logits = target.forward(block)
-            else:
-                positions = torch.tensor([0] + draft.depths()) + start
-                logits = target.forward(block, positions=positions, tree_mask=draft.tree_mask())
-            if params.greedy:
-                path, nxt = self.verify.greedy(draft, logits)
-            else:
-                path, nxt = verify_sampling(draft, logits, params, generator)
-            target.keep(start, [0] + [n + 1 for n in path])
-            self._sync()
-            t3 = time.perf_counter()
-            drafter.observe(tokens[-1], draft, logits)
-            new = [draft.tokens[n] for n in path] + [nxt]
-            for i, tok in enumerate(new):
-                if tok in self.eos_ids:
-                    new = new[: i + 1]
-                    break
-            new = new[: max_new_tokens - generated]
-            tokens.extend(new)
-            drafter.update(tokens, len(path), draft)
-            t4 = time.perf_counter()
-            sizing.record(StepRecord(start, proposed, draft, path, len(new), (t2 - t1) + (t4 - t3), t3 - t2))
-            generated += len(new)
-            stats.target_forwards += 1
-            stats.accept_lengths.append(len(new))
-            stats.drafted_tokens += len(proposed)
-            stats.verified_draft_tokens += len(draft)
-            stats.accepted_draft_tokens += len(path)
-            stats.plain_steps += not len(draft)
-            stats.draft_time += (t2 - t1) + (t4 - t3)
-            stats.verify_time += t3 - t2
-            yield new
-            if new[-1] in self.eos_ids:
-                return
-
-    def _pieces(
-        self,
-        prompt_ids: list[int],
-        max_new_tokens: int,
-        params: SamplingParams,
-        stop: list[str],
-        holder: GenerationStream | None,
-    ) -> Iterator[str]:
-        """Decode steps into text pieces; apply stop strings; build the result at the end."""
-        stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        detok = IncrementalDetokenizer(self.tokenizer)
-        emitted = 0  # characters of the text already yielded
-        finish = "length"
-        hit = None
-        t0 = time.perf_counter()
-        for new in self._steps(prompt_ids, max_new_tokens, params, stats):
-            if not stats.first_token_time:
-                stats.first_token_time = time.perf_counter() - t0
-            before = len(detok.ids)
-            detok.add(new)
-            if detok.ids[-1] in self.eos_ids:
-                finish = "stop"
-            hit = find_stop(detok.text, stop, emitted) if stop else None
-            if hit is not None:
-                detok.ids = trim_to_stop(self.tokenizer, detok.ids, stop, keep=before + 1)
-                detok.text = detok.text[:hit]
-                # The step's tokens after the stop string were never output.
-                stats.accept_lengths[-1] -= before + len(new) - len(detok.ids)
-                finish = "stop"
+        for record in decode(self.target, self.drafter, sizing, self.verify, self.eos_ids, prompt_ids, max_new_tokens, params):
+            piece = ""
+            if isinstance(record, Step):
+                if not stats.first_token_time:
+                    stats.first_token_time = time.perf_counter() - t0
+                kept, piece = out.add(list(record.tokens))
+                if len(kept) < len(record.tokens):  # the tokens after a stop string were never output
+                    record = replace(record, tokens=tuple(kept))
+            stats.add(record)
+            if piece:
+                yield piece
+            if out.stopped:
                 break
-            # Hold back anything that may yet become a stop string.
-            safe = safe_end(detok.text, stop)
-            if safe > emitted:
-                yield detok.text[emitted:safe]
-                emitted = safe
-        if hit is None:
-            detok.flush()
-        if emitted < len(detok.text):
-            yield detok.text[emitted:]
-        stats.new_tokens = len(detok.ids)
+        tail = out.close()
+        if tail:
+            yield tail
+        stats.new_tokens = len(out.ids)
         stats.total_time = time.perf_counter() - t0
-        seeded = params.seed is not None and not params.greedy
-        stats.method = {**self.drafter.stats(), **(self.seeded_sizing if seeded else self.sizing).stats()}
-        result = GenerationResult(detok.text, detok.ids, list(prompt_ids), finish, stats)
-        if holder is not None:
-            holder.result = result
+        stats.method = {**self.drafter.stats(), **sizing.stats()}
+        return GenerationResult(out.text, out.ids, list(prompt_ids), out.finish_reason, stats)
 
     def _prepare(self, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop):
         _check_positive_int("max_new_tokens", max_new_tokens)
@@ -546,9 +303,7 @@ class Engine:
         Arguments are checked now, before the first piece is asked for.
         """
         ids, params, stops = self._prepare(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop)
-        holder = GenerationStream(iter(()))
-        holder._pieces = self._pieces(ids, max_new_tokens, params, stops, holder)
-        return holder
+        return GenerationStream(self._generation(ids, max_new_tokens, params, stops))
 
     def generate(
         self,
@@ -598,22 +353,3 @@ class Engine:
             self, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=seed, stop=stop, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
         )  # fmt: skip
-
-
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-        raise ModelLoadError(f"cannot load a tokenizer from {str(path)!r}: {e}") from None
-
-
-def check_same_tokenizer(target_tok, draft_tok, target_path: Path, draft_path: Path) -> None:
-    """A draft model must speak the target's tokens: same vocabulary, same ids."""
-    if target_tok.get_vocab() != draft_tok.get_vocab():
-        raise InvalidArgument(
-            "draft_model",
-            f"the tokenizer of {str(draft_path)!r} differs from the target's ({str(target_path)!r}): "
-            "a draft model must share the target's vocabulary",
-        )

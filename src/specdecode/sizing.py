@@ -19,12 +19,14 @@ sampled.
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections import deque
 from dataclasses import dataclass
 
 from .costmodel import CostModel
 from .draft import Draft
+from .drafters.base import VanillaDrafter
 from .drafters.payoff import DraftingPayoff
 from .errors import InvalidArgument
 
@@ -252,3 +254,27 @@ def make_sizing(name: str | None, initial: int, maximum: int, cost_factory) -> F
     if name == "payoff":
         return PayoffSizing(maximum=maximum, probe_draft=max(1, initial), cost_factory=cost_factory)
     return FixedSizing(initial, adaptive=name == "adaptive", maximum=maximum)
+
+
+def engine_sizings(drafter, target, *, draft_length: int | None, adaptive: bool | None, sizing: str | None,
+                   max_draft_length: int = 16) -> tuple[FixedSizing | PayoffSizing, FixedSizing]:  # fmt: skip
+    """An engine's draft-length policies: the one it runs, and the one for seeded sampling.
+
+    ``sizing`` names the policy; else ``adaptive`` (--adaptive / --fixed) chooses; else a
+    ``draft_length`` asked for is a length kept (fixed); else $SPECDECODE_SIZING (a
+    deployment's, or a test module's, default); else payoff. Plain decoding has nothing to size.
+    """
+    k = drafter.default_draft_length if draft_length is None else draft_length
+    if sizing is None and adaptive is not None:
+        sizing = "adaptive" if adaptive else "fixed"
+    if sizing is None and draft_length is not None:
+        sizing = "fixed"
+    if sizing is None:
+        sizing = os.environ.get("SPECDECODE_SIZING") or None
+    if isinstance(drafter, VanillaDrafter):
+        sizing = "fixed"
+    chosen = make_sizing(sizing, k, max(max_draft_length, k), lambda: CostModel.for_target(target))
+    # Seeded sampling must repeat itself, so its drafts cannot depend on timings: such a
+    # request sizes its drafts by the (deterministic) grow/shrink rule instead.
+    seeded = chosen if isinstance(chosen, FixedSizing) else FixedSizing(k, adaptive=True)
+    return chosen, seeded

@@ -1,5 +1,9 @@
 """From token ids to streamed text: incremental detokenization and stop strings.
 
+``OutputText`` puts the two together for one generation, step by step; the engine's stream and
+the batch scheduler both use it, so a request's text, its stop and what it counts as output
+are the same whichever runs it.
+
 Decoding the whole output again at every step costs time quadratic in its length. Tokenizers
 cannot decode token by token either (a byte-level BPE token may hold half a character; a
 SentencePiece token's leading space depends on what precedes it). The usual way out (as in
@@ -82,3 +86,54 @@ def trim_to_stop(tokenizer, ids: list[int], stop: list[str], keep: int) -> list[
             break
         ids = ids[:-1]
     return ids
+
+
+class OutputText:
+    """One generation's output as its decoding steps arrive: the text released so far (a tail
+    that a later token could complete into a stop string is held back), where a stop string
+    cut it, and why it finished."""
+
+    def __init__(self, tokenizer, stop: list[str], eos_ids: set[int]):
+        self.tokenizer, self.stop, self.eos_ids = tokenizer, stop, eos_ids
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.emitted = 0  # characters of the text already released
+        self.finish_reason = "length"  # until an EOS or a stop string
+        self.stopped = False  # a stop string ended the output: nothing more may be added
+
+    @property
+    def ids(self) -> list[int]:
+        return self.detok.ids
+
+    @property
+    def text(self) -> str:
+        return self.detok.text
+
+    def add(self, tokens: list[int]) -> tuple[list[int], str]:
+        """A step's tokens -> (those that are output, the text released now). A stop string
+        ends the output: the step's tokens after the one that completes it are dropped, and
+        the text is cut where the stop string begins."""
+        detok = self.detok
+        before = len(detok.ids)
+        detok.add(tokens)
+        if detok.ids[-1] in self.eos_ids:
+            self.finish_reason = "stop"
+        hit = find_stop(detok.text, self.stop, self.emitted) if self.stop else None
+        if hit is not None:
+            detok.ids = trim_to_stop(self.tokenizer, detok.ids, self.stop, keep=before + 1)
+            detok.text = detok.text[:hit]
+            self.finish_reason, self.stopped = "stop", True
+            return list(tokens[: len(detok.ids) - before]), self._release(len(detok.text))
+        return list(tokens), self._release(safe_end(detok.text, self.stop))
+
+    def close(self) -> str:
+        """The end of the output: the text still held back (an incomplete character decodes
+        as U+FFFD; after a stop string there is none)."""
+        if not self.stopped:
+            self.detok.flush()
+        return self._release(len(self.detok.text))
+
+    def _release(self, end: int) -> str:
+        if end <= self.emitted:
+            return ""
+        piece, self.emitted = self.detok.text[self.emitted : end], end
+        return piece

@@ -4,10 +4,18 @@ A backend owns one model and one KV cache for a single sequence (batch size 1: s
 decoding is a latency technique). The cache holds ``length`` tokens. ``forward`` appends a block
 of tokens after them and returns logits; ``truncate`` rolls the cache back (a rejected draft);
 ``keep`` compacts chosen slots of the last block to the front of it (the accepted path of a tree).
+
+Self-drafting (``supports_self_draft``; SWIFT and quant use it): the target drafts for itself
+in a cheaper form — some sub-layers skipped, or quantized copies of its linears — over its own
+cache. Inside ``self_draft()`` the draft's rows go after the verified prefix, whose keys and
+values are the target's own (no second prefill, no second cache), and leaving forgets them:
+the verification forward rewrites every layer of those positions anyway.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +46,7 @@ class Backend:
     dtype: torch.dtype
     supports_tree: bool = False
     supports_skip: bool = False
+    supports_self_draft: bool = False  # the self-drafting interface below
     length: int = 0
 
     def forward(
@@ -82,3 +91,57 @@ class Backend:
 
     def reset(self) -> None:
         self.truncate(0)
+
+    # ---- self-drafting (see the module docstring) -----------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers (a skip set names them 0 .. num_layers - 1)."""
+        raise NotImplementedError(f"backend {self.name!r} does not expose its layers")
+
+    def fingerprint(self) -> dict:
+        """What a tuned self-drafting setting (a saved skip set) must agree with to be used on
+        this model."""
+        raise NotImplementedError(f"backend {self.name!r} cannot draft for itself")
+
+    @contextmanager
+    def self_draft(self) -> Iterator[None]:
+        """Draft on the target's own cache: ``draft_forward`` calls inside append their rows
+        after the verified prefix, and leaving rolls the cache back to that prefix (a pointer
+        moves; nothing is copied or cleared)."""
+        start = self.length
+        try:
+            yield
+        finally:
+            self.truncate(start)
+
+    def draft_forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        skip: SkipSet | None = None,
+        weights=None,
+        positions: torch.Tensor | None = None,
+        context: int | None = None,
+        logits_rows: torch.Tensor | slice | None = slice(None),
+    ) -> torch.Tensor | None:
+        """``forward`` in drafting form, appended to the cache alike: ``skip`` sub-layers skipped;
+        ``weights`` (from ``quantized_weights``) in place of the model's own linears; ``context``
+        limits what the block sees of the cache to its first ``context`` tokens (scoring a
+        drafting form on text already decoded, right after the prompt)."""
+        raise NotImplementedError(f"backend {self.name!r} cannot draft for itself")
+
+    def quantized_weights(self, config):
+        """A weight-only quantized copy of the model's linears (``quant.QuantConfig``), for
+        ``draft_forward(weights=)``; norms and embedding stay shared."""
+        raise NotImplementedError(f"backend {self.name!r} cannot draft for itself")
+
+    def twin(self, weights) -> "Backend":
+        """A model sharing this one's embedding, norms and position tables, with ``weights``'
+        linears and a KV cache of its own: a separate draft model in all but the memory of the
+        shared parts (quant's ``cache="own"``)."""
+        raise NotImplementedError(f"backend {self.name!r} cannot draft for itself")
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes the KV cache holds."""
+        return 0

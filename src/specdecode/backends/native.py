@@ -11,6 +11,7 @@ Loads a Hugging Face folder directly: config.json + *.safetensors (sharded or no
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -317,6 +318,7 @@ class NativeBackend(Backend):
     name = "native"
     supports_tree = True
     supports_skip = True
+    supports_self_draft = True
 
     def __init__(
         self,
@@ -435,6 +437,42 @@ class NativeBackend(Backend):
             return raw[name].to(self.device, self.dtype)
 
         return get
+
+    # ---- self-drafting (see backends/base.py) --------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    def fingerprint(self) -> dict:
+        cfg = self.config
+        return {
+            "model_type": cfg.model_type,
+            "num_layers": cfg.num_layers,
+            "hidden_size": cfg.hidden_size,
+            "vocab_size": cfg.vocab_size,
+        }
+
+    def draft_forward(self, input_ids, *, skip=None, weights=None, positions=None, context=None,
+                      logits_rows=slice(None)):  # fmt: skip
+        return self.forward(input_ids, positions=positions, skip=skip, logits_rows=logits_rows, context=context,
+                            weights=weights)  # fmt: skip
+
+    def quantized_weights(self, config):
+        from .quant import quantized_copy
+
+        return quantized_copy(self, config)
+
+    def twin(self, weights) -> "NativeBackend":
+        twin = copy.copy(self)
+        twin.layers, twin.lm_head = weights.layers, weights.lm_head
+        twin.k_cache = torch.zeros_like(self.k_cache)
+        twin.v_cache = torch.zeros_like(self.v_cache)
+        twin.length = 0
+        return twin
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.k_cache.nbytes + self.v_cache.nbytes
 
     # ---- cache management -------------------------------------------------------------------
     def _truncate(self, length: int) -> None:

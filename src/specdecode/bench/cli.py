@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from ..cli_options import DEVICE_OPTION, DTYPE_OPTION, fail
+
 DEFAULT_METHODS = "vanilla,pld,hf-vanilla"
 DEFAULT_OUT = "bench_out"
 
@@ -45,8 +47,8 @@ def bench(
     seed: int = typer.Option(0, help="Random seed for sampling."),
     runs: int = typer.Option(1, help="Repeat the whole benchmark N times; report mean and standard deviation."),
     warmup: int = typer.Option(1, help="Untimed warm-up passes per method before timing."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    dtype: str = DTYPE_OPTION,
+    device: str = DEVICE_OPTION,
     backend: str = typer.Option("auto", help="Backend of our methods: auto, native or hf."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (per worker)."),
     out: Path = typer.Option(Path(DEFAULT_OUT), "--out", "-o", help="Output folder (answers, report, plots)."),
@@ -56,7 +58,6 @@ def bench(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
     """Spec-Bench: speedup over plain decoding, per subtask, for our methods and transformers' own."""
-    from ..cli import fail
     from ..errors import SpecDecodeError
     from .methods import parse_methods
     from .questions import default_questions_path, load_questions, parse_subtasks, select
@@ -95,7 +96,6 @@ def report(
     baseline: Optional[str] = typer.Option(None, help="Method the speedups are relative to (default: the run's)."),
 ):
     """Rebuild the table, report.md, summary.json and the plots from a folder's answer files."""
-    from ..cli import fail
     from ..errors import SpecDecodeError
     from .report import build_report
 

@@ -1,7 +1,7 @@
 """Which methods a benchmark runs, with their options, and how each of ours runs one turn.
 
-Our methods are whatever ``specdecode.drafters.METHODS`` registers (looked up, never listed
-here). The peers run transformers' own ``generate`` (see ``peers.py``). Every method answers a
+Our methods are whatever ``specdecode.drafters.registry`` registers (looked up, never listed
+here, and so are their needs). The peers run transformers' own ``generate`` (see ``peers.py``). Every method answers a
 turn through the same call, ``run_turn(prompt_ids, ...) -> TurnOutput``, so the worker can time
 them all alike.
 """
@@ -30,13 +30,22 @@ def our_methods() -> dict[str, type]:
     return METHODS
 
 
+def _uses_draft_model(name: str) -> bool:
+    from ..drafters import registry
+
+    try:
+        return registry.needs(name, "draft_model")
+    except InvalidArgument:  # not a method: reported where it is built
+        return False
+
+
 def known_methods() -> list[str]:
     return [*our_methods(), *PEERS]
 
 
 def is_known(name: str) -> bool:
     """A registered method, a hybrid ``A+B`` of two, ``auto``, or a peer."""
-    from ..engine import method_components
+    from ..drafters.registry import method_components
 
     if name in PEERS:
         return True
@@ -69,11 +78,11 @@ class MethodSpec:
     def needs_draft_model(self) -> bool:
         if self.is_peer:
             return self.base == "hf-assisted"
-        from ..engine import method_components
-
-        if self.base == "auto":  # its arms name sps when they need the draft model
-            return "sps" in str(self.options.get("arms", ""))
-        return "sps" in method_components(self.base)
+        if self.base == "auto":  # when one of its arms does
+            arms = self.options.get("arms", "")
+            names = arms.split(",") if isinstance(arms, str) else arms if isinstance(arms, (list, tuple)) else []
+            return any(isinstance(n, str) and _uses_draft_model(n.strip()) for n in names)
+        return _uses_draft_model(self.base)
 
     @property
     def lossy(self) -> str | None:

@@ -1,4 +1,4 @@
-"""Drafters by method name. A method's drafter is built by ``build_drafter``."""
+"""Drafters by method name: ``registry.py`` lists every method with what it needs."""
 
 from __future__ import annotations
 
@@ -7,27 +7,17 @@ from .lookahead import LookaheadDrafter
 from .pld import PromptLookupDrafter
 from .quant import QuantDrafter
 from .recycle import RecycleDrafter, SuffixRecycleDrafter
+from .registry import REGISTRY, Method
 from .rest import RestDrafter
 from .sps import DraftModelDrafter
 from .suffix import SuffixDrafter
 from .swift import SwiftDrafter
 
-METHODS: dict[str, type[Drafter]] = {
-    "vanilla": VanillaDrafter,
-    "sps": DraftModelDrafter,
-    "pld": PromptLookupDrafter,
-    "swift": SwiftDrafter,
-    "quant": QuantDrafter,
-    # Model-free drafters (no weights of their own): suffix structures, the target's own
-    # verification logits, Jacobi iteration, retrieval.
-    "suffix": SuffixDrafter,
-    "recycle": RecycleDrafter,
-    "suffix+recycle": SuffixRecycleDrafter,
-    "lookahead": LookaheadDrafter,
-    "rest": RestDrafter,
-}
+# Method name -> drafter class, in registration order (what the benchmark's "ours" runs).
+METHODS: dict[str, type[Drafter]] = {name: m.drafter for name, m in REGISTRY.items()}
 
 __all__ = [
-    "METHODS", "Drafter", "DraftModelDrafter", "LookaheadDrafter", "PromptLookupDrafter", "QuantDrafter",
-    "RecycleDrafter", "RestDrafter", "SuffixDrafter", "SuffixRecycleDrafter", "SwiftDrafter", "VanillaDrafter",
+    "METHODS", "REGISTRY", "Drafter", "DraftModelDrafter", "LookaheadDrafter", "Method", "PromptLookupDrafter",
+    "QuantDrafter", "RecycleDrafter", "RestDrafter", "SuffixDrafter", "SuffixRecycleDrafter", "SwiftDrafter",
+    "VanillaDrafter",
 ]  # fmt: skip

@@ -1,7 +1,8 @@
 """The drafter interface: propose a draft, then learn from the verdict.
 
 The decoding loop never looks inside a drafter. New methods (layer skipping, n-gram pools,
-trees) implement these three calls and register a name in ``specdecode.drafters.METHODS``.
+trees) implement these three calls and register a name, with what they need, in
+``drafters/registry.py``.
 """
 
 from __future__ import annotations

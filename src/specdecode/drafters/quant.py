@@ -36,12 +36,12 @@ only decides whether their children are drafted: lossless).
 
 from __future__ import annotations
 
-import copy
+import contextlib
 
 import torch
 
 from ..backends import Backend
-from ..backends.quant import QuantConfig, quantized_copy
+from ..backends.quant import QuantConfig
 from ..draft import Draft
 from ..errors import InvalidArgument
 from ..sampling import probabilities, sample
@@ -81,7 +81,7 @@ class QuantDrafter(Drafter):
         stop_below: float = 0.3,
         max_depth: int = 16,
     ):
-        if not hasattr(target, "layers") or not target.supports_skip:
+        if not target.supports_self_draft:
             raise InvalidArgument("method", f"quant drafts through the native backend's layers, not the {target.name!r} backend's; use backend='native'")
         if cache not in CACHES:
             raise InvalidArgument("cache", f"expected one of {', '.join(CACHES)}, got {cache!r}")
@@ -90,19 +90,12 @@ class QuantDrafter(Drafter):
         self.branches = _branches(branches)
         self.stop_below = _fraction("stop_below", stop_below, open_interval=False)
         self.max_depth = _positive("max_depth", max_depth)
-        self.weights = quantized_copy(target, self.config)
+        self.weights = target.quantized_weights(self.config)
         self.cache = cache
-        self.own: Backend | None = None
+        # cache="own": the target's embedding, norms and RoPE tables with the quantized linears
+        # and a cache of its own, a separate quantized model in all but the memory of the shared parts.
+        self.own: Backend | None = target.twin(self.weights) if cache == "own" else None
         self._cached: list[int] = []  # own cache: the tokens whose keys/values it holds
-        if cache == "own":
-            # The target's forward over its own embedding, norms and RoPE tables, with the
-            # quantized linears and a cache of its own: a separate quantized model in all but
-            # the memory of the shared parts.
-            self.own = copy.copy(target)
-            self.own.layers, self.own.lm_head = self.weights.layers, self.weights.lm_head
-            self.own.k_cache = torch.zeros_like(target.k_cache)
-            self.own.v_cache = torch.zeros_like(target.v_cache)
-            self.own.length = 0
         self._forwards = 0  # draft forwards in this request
 
     @classmethod
@@ -143,15 +136,16 @@ class QuantDrafter(Drafter):
     @torch.inference_mode()
     def _draft(self, tokens, max_tokens, depth, params, generator) -> Draft:
         shared = self.own is None
+        # Shared: the quantized linears over the target's cache, whose draft rows are dropped at
+        # the end. Own: the twin's cache keeps what it computed, to be reused next step.
         model, weights = (self.target, self.weights) if shared else (self.own, None)
-        start = model.length
         feed = [tokens[-1]] if shared else self._sync(tokens)
         # Nodes as (path probability, token, parent node, confidence, distribution).
         nodes: list[tuple[float, int, int, float, torch.Tensor | None]] = []
         parent, path = -1, 1.0
-        try:
+        with self.target.self_draft() if shared else contextlib.nullcontext():
             for _ in range(depth):
-                logits = model.forward(torch.tensor(feed), logits_rows=slice(-1, None), weights=weights)[0]
+                logits = model.draft_forward(torch.tensor(feed), logits_rows=slice(-1, None), weights=weights)[0]
                 self._forwards += 1
                 if not shared:
                     self._cached.extend(feed)
@@ -180,9 +174,6 @@ class QuantDrafter(Drafter):
                 if path < self.stop_below:
                     break
                 feed = [token]
-        finally:
-            if shared:
-                self.target.truncate(start)  # the verification forward rewrites every layer
         if params.greedy:
             order = sorted(range(len(nodes)), key=lambda i: (-nodes[i][0], i))
         else:
@@ -207,9 +198,7 @@ class QuantDrafter(Drafter):
         )
 
     def stats(self) -> dict:
-        own_bytes = 0
-        if self.own is not None:
-            own_bytes = sum(t.numel() * t.element_size() for t in (self.own.k_cache, self.own.v_cache))
+        own_bytes = 0 if self.own is None else self.own.cache_bytes
         return {
             "quant": self.config.label,
             "quant_cache": self.cache,

@@ -109,7 +109,6 @@ class RecycleDrafter(Drafter):
 class SuffixRecycleDrafter(Drafter):
     name = "suffix+recycle"
     default_draft_length = 16
-    uses_tokenizer = True
 
     def __init__(
         self,

@@ -41,7 +41,6 @@ def continuation_trie(continuations: list[list[int]]) -> _Trie:
 class RestDrafter(Drafter):
     name = "rest"
     default_draft_length = 12
-    uses_tokenizer = True  # to check that the datastore speaks the target's tokens
 
     def __init__(
         self,

@@ -76,7 +76,6 @@ class AutomatonSource:
 class SuffixDrafter(Drafter):
     name = "suffix"
     default_draft_length = 16  # most nodes per step
-    uses_tokenizer = True  # to read a corpus file
 
     def __init__(
         self,

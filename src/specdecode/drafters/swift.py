@@ -4,8 +4,9 @@
 ICLR 2025.) No second model and no training:
 
 * Drafting: the target runs with a set of attention and MLP sub-layers skipped (the first and
-  last layer never). It reuses the target's KV cache for the layers it runs; after drafting the
-  cache is rolled back, and verification rewrites every layer, so the cache then holds exactly
+  last layer never), through the backend's self-drafting interface (``Backend.self_draft``):
+  it reuses the target's KV cache for the layers it runs; after drafting the cache is rolled
+  back, and verification rewrites every layer, so the cache then holds exactly
   the accepted tokens. No extra weights in memory.
 * Confidence-aware drafting: drafting stops when the draft's top-1 probability falls below a
   threshold or at a maximum depth; at each depth, the less confident the draft, the more of its
@@ -63,17 +64,6 @@ def _flag(name: str, value) -> bool:
     return value
 
 
-def model_fingerprint(target: Backend) -> dict:
-    """What a saved skip set must agree with to be used on a model."""
-    cfg = target.config
-    return {
-        "model_type": cfg.model_type,
-        "num_layers": cfg.num_layers,
-        "hidden_size": cfg.hidden_size,
-        "vocab_size": cfg.vocab_size,
-    }
-
-
 @dataclass
 class SwiftState:
     """The layer-set search: persists across requests, saved as JSON."""
@@ -116,7 +106,7 @@ class SwiftDrafter(Drafter):
         seed: int = 0,
         fallback: bool = True,
     ):
-        if not target.supports_skip:
+        if not target.supports_self_draft:
             raise InvalidArgument("method", f"swift skips sub-layers, which the {target.name!r} backend cannot; use backend='native'")
         self.target = target
         self.skip_ratio = _fraction("skip_ratio", skip_ratio, open_interval=True)
@@ -135,7 +125,7 @@ class SwiftDrafter(Drafter):
             )
         self.branches = branches
         self.task = task
-        self.layers = target.config.num_layers
+        self.layers = target.num_layers
         # Sub-layers that may be skipped: attention then MLP of layers 1 .. L-2.
         self.inner = list(range(1, self.layers - 1))
         self.num_skip = max(1, int(round(2 * len(self.inner) * self.skip_ratio))) if self.inner else 0
@@ -234,13 +224,12 @@ class SwiftDrafter(Drafter):
     @torch.inference_mode()
     def _draft(self, tokens, max_tokens) -> Draft:
         target, skip = self.target, self.state.skip
-        start = target.length
         draft = Draft()
         parent, tok = -1, tokens[-1]
         kmax = max(self.branches)
-        try:
-            for _ in range(min(self.max_depth, max_tokens, target.max_length - start - 1)):
-                logits = target.forward(torch.tensor([tok]), skip=skip)[0]
+        with target.self_draft():
+            for _ in range(min(self.max_depth, max_tokens, target.max_length - target.length - 1)):
+                logits = target.draft_forward(torch.tensor([tok]), skip=skip)[0]
                 top = torch.topk(logits.softmax(-1), min(kmax, logits.shape[-1]))
                 values, ids = top.values.tolist(), top.indices.tolist()
                 width = min(self._candidates(values[0]), max_tokens - len(draft))
@@ -251,8 +240,6 @@ class SwiftDrafter(Drafter):
                 if values[0] < self.confidence_threshold or len(draft) >= max_tokens:
                     break
                 parent, tok = spine, ids[0]
-        finally:
-            target.truncate(start)  # the verification forward rewrites every layer
         return draft
 
     # ---- learning from the verdict: the optimisation phase ------------------------------------
@@ -298,12 +285,9 @@ class SwiftDrafter(Drafter):
         where the skipping model's argmax is the actual next token. One parallel forward after
         the cache, seeing only the prompt's cache entries; the cache is left as it was."""
         target = self.target
-        start = target.length
         positions = torch.arange(len(block)) + self._prompt_len
-        try:
-            logits = target.forward(torch.tensor(block), positions=positions, skip=skip, context=self._prompt_len)
-        finally:
-            target.truncate(start)
+        with target.self_draft():
+            logits = target.draft_forward(torch.tensor(block), positions=positions, skip=skip, context=self._prompt_len)
         hits = logits[:-1].argmax(-1) == torch.tensor(block[1:], device=logits.device)
         return float(hits.float().mean())
 
@@ -311,7 +295,7 @@ class SwiftDrafter(Drafter):
     def save(self, path: str | Path) -> None:
         data = {
             "format": "specdecode-swift-1",
-            "model": model_fingerprint(self.target),
+            "model": self.target.fingerprint(),
             "task": self.task,
             "skip_ratio": self.skip_ratio,
             **{k: v for k, v in asdict(self.state).items() if k != "history"},
@@ -325,9 +309,9 @@ class SwiftDrafter(Drafter):
             raise InvalidArgument("skip_set_file", f"cannot read {str(path)!r}: {e}") from None
         if not isinstance(data, dict) or data.get("format") != "specdecode-swift-1":
             raise InvalidArgument("skip_set_file", f"{str(path)!r} is not a specdecode SWIFT skip-set file")
-        if data.get("model") != model_fingerprint(self.target):
+        if data.get("model") != self.target.fingerprint():
             raise InvalidArgument(
-                "skip_set_file", f"{str(path)!r} was tuned for another model ({data.get('model')}), not {model_fingerprint(self.target)}"
+                "skip_set_file", f"{str(path)!r} was tuned for another model ({data.get('model')}), not {self.target.fingerprint()}"
             )
         if self.task is not None and data.get("task") not in (None, self.task):
             raise InvalidArgument("skip_set_file", f"{str(path)!r} was tuned for task {data.get('task')!r}, not {self.task!r}")

@@ -352,9 +352,9 @@ def create_app(
 
     With ``max_num_seqs`` > 1 up to that many requests are decoded together by the engine's
     continuous-batching scheduler (``Engine.batch``; ``max_batch_tokens`` per step, default from
-    the target's cost model). Methods and backends the scheduler refuses (sps, swift, quant,
-    rest, auto; the hf backend) run one request at a time, as ``max_num_seqs=1`` does; /health
-    says which and why."""
+    the target's cost model). Methods and backends the scheduler refuses (those the drafter
+    registry declares not ``batchable``, auto; the hf backend) run one request at a time, as
+    ``max_num_seqs=1`` does; /health says which and why."""
     if max_queue < 1:
         raise InvalidArgument("max_queue", f"expected an integer >= 1, got {max_queue!r}")
     if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:

@@ -7,10 +7,12 @@ from typing import Optional
 
 import typer
 
-from ..cli import (  # the options shared with `generate`
+from ..cli_options import (  # the options shared with `generate`
     ADAPTIVE_OPTION, BACKEND_OPTION, DEVICE_OPTION, DRAFT_LENGTH_OPTION, DRAFT_MODEL_OPTION, DTYPE_OPTION,
-    DRAFT_QUANT_OPTION, METHOD_OPTION, METHOD_OPTIONS_OPTION, MODEL_OPTION, QUANTIZE_OPTION, VERIFY_OPTION,
+    DRAFT_QUANT_OPTION, METHOD_OPTION, METHOD_OPTIONS_OPTION, MODEL_OPTION, QUANTIZE_OPTION, VERIFY_OPTION, fail,
+    method_options,
 )  # fmt: skip
+from ..drafters import registry
 
 
 def serve(
@@ -37,8 +39,8 @@ def serve(
     ),
     max_num_seqs: int = typer.Option(
         8, min=1, help="Requests decoded together by the continuous-batching scheduler (default 8); "
-        "1 = one at a time. Methods the scheduler refuses (sps, swift, quant, rest, auto) and the hf backend "
-        "run one at a time whatever this says.",
+        f"1 = one at a time. Methods the scheduler refuses ({', '.join(registry.names(batchable=False))}, auto) "
+        "and the hf backend run one at a time whatever this says.",
     ),  # fmt: skip
     max_batch_tokens: Optional[int] = typer.Option(
         None, min=1, help="Token budget of one batched step: the running requests' roots, drafts and prompt "
@@ -51,7 +53,6 @@ def serve(
     log_level: str = typer.Option("info", help="uvicorn log level: debug, info, warning, error."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
-    from ..cli import fail, method_options
     from ..engine import Engine
     from ..errors import SpecDecodeError
 

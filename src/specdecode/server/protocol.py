@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from ..engine import GenerationResult
+from ..results import GenerationResult
 
 # ---- errors ---------------------------------------------------------------------------------
 

@@ -1,0 +1,135 @@
+"""Every drafting method by name, with what it needs, in one place.
+
+The engine, the batch scheduler, the benchmark and the server ask this registry instead of
+testing method names: whether a method needs a draft model, drafts through the target itself,
+may be copied per request by the batch scheduler, and so on. A new method registers here (see
+``drafters/base.py`` for the interface its drafter implements).
+
+A method name is a registered name, or a hybrid ``A+B`` of two (``drafters/hybrid.py``): B
+drafts where A has nothing. ``auto`` (``auto.py``) is not a method of its own but a choice
+among others, per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import InvalidArgument
+from .base import Drafter, VanillaDrafter
+from .lookahead import LookaheadDrafter
+from .pld import PromptLookupDrafter
+from .quant import QuantDrafter
+from .recycle import RecycleDrafter, SuffixRecycleDrafter
+from .rest import RestDrafter
+from .sps import DraftModelDrafter
+from .suffix import SuffixDrafter
+from .swift import SwiftDrafter
+
+
+@dataclass(frozen=True)
+class Method:
+    """A drafting method and what it needs."""
+
+    name: str
+    drafter: type[Drafter]
+    # Drafts with a second, smaller model sharing the target's tokenizer: it needs
+    # ``draft_model`` (and only such a method takes one, or ``draft_quant``).
+    draft_model: bool = False
+    # Drafts with the target itself, through the backend's self-drafting interface (sub-layers
+    # skipped, quantized linears; ``Backend.self_draft``): the native backend only.
+    self_drafting: bool = False
+    # Proposes token trees, verified in one forward with a tree mask, where the backend can.
+    trees: bool = False
+    # Keeps a KV cache of its own in step with the sequence (a draft model's).
+    own_cache: bool = False
+    # Drafts from a retrieval datastore built ahead (``specdecode datastore build``).
+    datastore: bool = False
+    # Reads text with the target's tokenizer (a corpus, a datastore): built with ``tokenizer=``.
+    reads_text: bool = False
+    # The batch scheduler can run a copy of its drafter per request. Not a method that follows
+    # one sequence in a model's cache (its own or the target's) or reads a datastore.
+    batchable: bool = True
+    # Its output is the target's own. Every drafting method is lossless; only a lossy
+    # acceptance rule (verification.py, chosen apart from the method) is not.
+    lossless: bool = True
+
+
+REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("vanilla", VanillaDrafter),
+        Method("sps", DraftModelDrafter, draft_model=True, own_cache=True, batchable=False),
+        Method("pld", PromptLookupDrafter),
+        Method("swift", SwiftDrafter, self_drafting=True, trees=True, batchable=False),
+        Method("quant", QuantDrafter, self_drafting=True, trees=True, batchable=False),
+        # Model-free drafters (no weights of their own): suffix structures, the target's own
+        # verification logits, Jacobi iteration, retrieval.
+        Method("suffix", SuffixDrafter, trees=True, reads_text=True),  # reads a corpus file
+        Method("recycle", RecycleDrafter, trees=True),
+        Method("suffix+recycle", SuffixRecycleDrafter, trees=True, reads_text=True),
+        Method("lookahead", LookaheadDrafter, trees=True),
+        # The tokenizer checks that the datastore speaks the target's tokens.
+        Method("rest", RestDrafter, trees=True, datastore=True, reads_text=True, batchable=False),
+    )
+}
+
+
+def names(**needs: bool) -> list[str]:
+    """The registered methods whose declarations match ``needs``, in registration order:
+    ``names(batchable=False)`` -> ["sps", "swift", "quant", "rest"]."""
+    return [m.name for m in REGISTRY.values() if all(getattr(m, k) == v for k, v in needs.items())]
+
+
+def components(method: str) -> list[Method]:
+    """The methods ``method`` is made of: itself, or the two of a hybrid ``A+B``. Raises
+    InvalidArgument (argument ``method``) for anything else."""
+    if not isinstance(method, str):
+        raise InvalidArgument("method", f"expected a method name, got {method!r}")
+    parts = [method] if method in REGISTRY or "+" not in method else method.split("+")
+    for part in parts:
+        if part not in REGISTRY:
+            raise InvalidArgument(
+                "method", f"expected one of {', '.join(REGISTRY)} or two of them joined by '+', got {method!r}"
+            )
+    if len(parts) > 2 or "vanilla" in parts and len(parts) > 1 or len(set(parts)) < len(parts):
+        raise InvalidArgument("method", f"a hybrid joins two different drafting methods (e.g. pld+sps), got {method!r}")
+    return [REGISTRY[p] for p in parts]
+
+
+def method_components(method: str) -> list[str]:
+    """The names of the registered methods ``method`` is made of: itself, the two of a hybrid
+    ``A+B``, or none for ``auto`` (which chooses among others). Raises InvalidArgument for an
+    unknown name."""
+    return [] if method == "auto" else [m.name for m in components(method)]
+
+
+def needs(method: str, need: str) -> bool:
+    """Whether ``method`` (or a part of a hybrid) declares ``need``, e.g. ``needs("pld+sps",
+    "draft_model")``."""
+    return any(getattr(m, need) for m in components(method))
+
+
+def batchable(method: str) -> bool:
+    """Whether the batch scheduler can run ``method`` (a hybrid: both its parts)."""
+    return all(m.batchable for m in components(method))
+
+
+def _quoted(names_: list[str]) -> str:
+    return " or ".join(repr(n) for n in names_)
+
+
+def check_draft_model(method: str, draft_model) -> None:
+    """A draft model is given exactly when ``method`` drafts with one."""
+    uses = needs(method, "draft_model")
+    if uses and draft_model is None:
+        raise InvalidArgument("draft_model", f"method {method!r} needs a draft model (same tokenizer as the target)")
+    if not uses and draft_model is not None:
+        raise InvalidArgument("draft_model", f"only method {_quoted(names(draft_model=True))} uses a draft model, not {method!r}")
+
+
+def check_draft_quant(method: str, draft_quant) -> None:
+    """Only a method with a draft model has one to quantize."""
+    if draft_quant is not None and not needs(method, "draft_model"):
+        raise InvalidArgument(
+            "draft_quant", f"only method {_quoted(names(draft_model=True))} has a draft model to quantize, not {method!r}"
+        )
