@@ -611,3 +611,27 @@ def test_stopped_worker_answers_503(reference):
         assert r.json()["error"] == {"message": "the server is shutting down", "type": "server_error",
                                      "param": None, "code": "unavailable"}  # fmt: skip
         assert c.get("/health").status_code == 503
+
+
+def test_cli_server_runs_the_model_on_the_main_thread_and_stops_on_sigterm(chat_model, tmp_path):
+    """`specdecode serve` drives the generation worker from the main thread (torch's OpenMP ops
+    ran ~2x slower from a second thread, see Worker.driven_by_caller) and uvicorn from another;
+    SIGTERM still shuts both down cleanly, after answering."""
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "specdecode", "serve", "--model", str(chat_model), "--method", "vanilla",
+           "--port", str(port), "--threads", "1", "--log-level", "warning"]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        health = httpx.get(f"{url}/health", timeout=10).json()
+        assert health["worker_thread"] == "MainThread"
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tinychat", "prompt": "Once", "max_tokens": 8}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -9,24 +9,27 @@ boundaries. Each step's forward carries, per request:
   do not stall the running requests), or
 * its root token (the last token, not yet cached) and a draft from its own drafter.
 
-The step has a token budget, ``max_batch_tokens`` (default: where the target's measured forward
-costs twice a one-token forward, ``costmodel.py``; 64 without a measurement). It is shared in
-this order:
+The decoding rows of a step have a token budget, ``max_batch_tokens`` (default: where the
+target's measured forward costs twice a one-token forward, ``costmodel.py``; 64 without a
+measurement). It is shared in this order:
 
 1. every decoding request's root (a running sequence is never stalled; when the roots alone fill
    the budget, nobody drafts: speculation turns off);
-2. a reserve for prefill, a quarter of the budget, when a prompt is waiting (so joining requests
-   progress even when the running ones fill the budget);
-3. drafts: a seeded sampling request first gets its whole draft (its draft lengths must not depend
+2. drafts: a seeded sampling request first gets its whole draft (its draft lengths must not depend
    on its neighbours, see below); the other draft tokens go one at a time to the request whose
    next draft node is most likely to be accepted (its path probability: the drafter's confidence
-   where it gives one, else the request's own running acceptance at that depth);
-4. prefill again, with whatever is left.
+   where it gives one, else the request's own running acceptance at that depth).
+
+Prompts are prefilled beside them, up to ``prefill_chunk`` prompt tokens per step (default
+512), oldest request first. Prefill has its own allowance because its cost per token falls
+with the chunk's size, unlike a decoding row's: squeezed into the decoding budget (as this
+scheduler first did) a 200-token prompt took 25 steps of 8 rows each, through the row-by-row
+path, and the requests waiting behind it spent most of their time in prefill.
 
 Exactness. Greedy: a request's tokens are the target's argmax path whatever its drafts, so they
 equal the request decoded alone (float32: up to float32 rounding, like every speculative step;
 bf16: bit for bit where the row-invariance check made the linears exact and the prompt is
-prefilled in one piece, see README). Sampling: each request has its own generator (seeded from
+prefilled in one piece, as every prompt of up to ``prefill_chunk`` + 1 tokens is; see README). Sampling: each request has its own generator (seeded from
 its own ``seed``); verification is lossless speculative sampling per request, so each request's
 output has the target's distribution. A seeded request's draft lengths follow its own
 deterministic grow/shrink rule and its drafts are granted whole whenever the draft budget holds
@@ -61,7 +64,7 @@ from .sizing import AcceptanceModel, FixedSizing, StepRecord
 from .text import OutputText
 
 DEFAULT_MAX_BATCH_TOKENS = 64  # without a cost measurement
-PREFILL_RESERVE = 4  # a waiting prompt gets at least 1/this of the budget per step
+DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per step: most prompts in one piece, as alone
 
 
 def _check_int(name: str, value, minimum: int = 1) -> int:
@@ -190,7 +193,8 @@ class BatchScheduler:
     returns what it produced; ``cancel`` ends a request at the next step. ``run`` steps until
     every request is done."""
 
-    def __init__(self, engine, *, max_num_seqs: int = 8, max_batch_tokens: int | None = None):
+    def __init__(self, engine, *, max_num_seqs: int = 8, max_batch_tokens: int | None = None,
+                 prefill_chunk: int | None = None):
         check_batchable(engine)
         self.engine = engine
         self.max_num_seqs = _check_int("max_num_seqs", max_num_seqs)
@@ -198,6 +202,7 @@ class BatchScheduler:
         if max_batch_tokens is None:
             max_batch_tokens = self._default_budget()
         self.max_batch_tokens = _check_int("max_batch_tokens", max_batch_tokens)
+        self.prefill_chunk = _check_int("prefill_chunk", DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk)
         self.waiting: list[BatchRequest] = []
         self.running: list[BatchRequest] = []
         self._ids = itertools.count()
@@ -272,6 +277,7 @@ class BatchScheduler:
         from .results import GenerationResult
 
         tail = req.output.close()
+        req.drafter.end()  # e.g. suffix: the answer joins the shared store for later requests
         stats = req.stats
         stats.new_tokens = len(req.output.ids)
         stats.total_time = time.perf_counter() - req.t_start
@@ -344,9 +350,7 @@ class BatchScheduler:
         decoding = [r for r in self.running if r.status == "decode"]
         prefilling = [r for r in self.running if r.status == "prefill"]
         plans = {r.id: _Plan(r, "decode", start=self.cache.lengths[r.slot]) for r in decoding}
-        need = sum(len(r.prompt_ids) - 1 - r.prefilled for r in prefilling)
-        reserve = min(need, max(1, budget // PREFILL_RESERVE))
-        draft_budget = max(0, budget - len(decoding) - reserve)
+        draft_budget = max(0, budget - len(decoding))
 
         # Each decoding request proposes what its own sizing asks for (within its room).
         for r in decoding:
@@ -374,13 +378,10 @@ class BatchScheduler:
             probs = path_probs[r_id]
             if grants[r_id] < len(probs):
                 heapq.heappush(heap, (-probs[grants[r_id]], r_id))
-        used = 0
         for r in decoding:
-            p = plans[r.id]
-            p.draft = p.proposed.head(grants[r.id])
-            used += len(p.draft)
-        # Prefill: the reserve and whatever drafts left, oldest request first.
-        prefill_budget = max(reserve, budget - len(decoding) - used)
+            plans[r.id].draft = plans[r.id].proposed.head(grants[r.id])
+        # Prefill, oldest request first, within its own allowance.
+        prefill_budget = self.prefill_chunk
         out = list(plans.values())
         for r in prefilling:
             if prefill_budget <= 0:
@@ -441,8 +442,8 @@ class BatchScheduler:
 PER_REQUEST = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
 
 
-def generate_batch(engine, prompts, *, max_num_seqs: int = 8, max_batch_tokens: int | None = None, stop=None,
-                   **settings) -> list:  # fmt: skip
+def generate_batch(engine, prompts, *, max_num_seqs: int = 8, max_batch_tokens: int | None = None,
+                   prefill_chunk: int | None = None, stop=None, **settings) -> list:  # fmt: skip
     """``Engine.generate_batch``: every prompt through one scheduler; results in prompt order."""
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise InvalidArgument("prompts", "expected a non-empty list of prompts")
@@ -463,7 +464,8 @@ def generate_batch(engine, prompts, *, max_num_seqs: int = 8, max_batch_tokens: 
         stops = per("stop", stop)  # one list per prompt
     else:
         stops = [stop] * n
-    scheduler = BatchScheduler(engine, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens)
+    scheduler = BatchScheduler(engine, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
+                               prefill_chunk=prefill_chunk)  # fmt: skip
     handles = [
         scheduler.submit(p, stop=stops[i], **{name: col[i] for name, col in columns.items()})
         for i, p in enumerate(prompts)

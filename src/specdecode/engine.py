@@ -323,13 +323,14 @@ class Engine:
         return s.result
 
     # ---- batched generation (batching.py) ----------------------------------------------------
-    def batch(self, *, max_num_seqs: int = 8, max_batch_tokens: int | None = None):
+    def batch(self, *, max_num_seqs: int = 8, max_batch_tokens: int | None = None, prefill_chunk: int | None = None):
         """A continuous-batching scheduler over this engine's target and method (native backend,
         model-free methods): ``submit(prompt, ...)`` -> handle, ``step()``, ``cancel(handle)``.
         Each request's output is what ``generate`` gives it alone (see batching.py)."""
         from .batching import BatchScheduler
 
-        return BatchScheduler(self, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens)
+        return BatchScheduler(self, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
+                              prefill_chunk=prefill_chunk)  # fmt: skip
 
     def generate_batch(
         self,
@@ -343,6 +344,7 @@ class Engine:
         *,
         max_num_seqs: int = 8,
         max_batch_tokens: int | None = None,
+        prefill_chunk: int | None = None,
     ) -> list[GenerationResult]:
         """Generate continuations of several prompts together (continuous batching); one result
         per prompt, in order, each with its own statistics. Each setting is one value for all or
@@ -352,4 +354,5 @@ class Engine:
         return generate_batch(
             self, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=seed, stop=stop, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
+            prefill_chunk=prefill_chunk,
         )  # fmt: skip

@@ -26,6 +26,11 @@ class Drafter:
     def begin(self, prompt_ids: list[int]) -> None:
         """A new request starts with these tokens."""
 
+    def end(self) -> None:
+        """The request is over (finished, stopped or cancelled). The batch scheduler calls it on a
+        request's own copy, which no later request begins on; drafters with memory across
+        requests keep what the request taught them here."""
+
     def propose(
         self,
         tokens: list[int],

@@ -27,6 +27,10 @@ class HybridDrafter(Drafter):
         self.second.begin(prompt_ids)
         self._from_second = self._steps = 0
 
+    def end(self) -> None:
+        self.first.end()
+        self.second.end()
+
     def propose(self, tokens, max_tokens, params, generator) -> Draft:
         self._steps += 1
         draft = self.first.propose(tokens, max_tokens, params, generator)

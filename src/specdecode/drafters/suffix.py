@@ -147,6 +147,13 @@ class SuffixDrafter(Drafter):
         self._meta = []
         self._reset_request_stats()
 
+    def end(self) -> None:
+        """The request's text joins the store now (in a batch, requests end apart and their
+        copies never begin another request; alone, the next ``begin`` would do it)."""
+        if self.store is not None and self._seq:
+            self.store.add(self._seq)
+        self._seq = []
+
     def _feed(self, tokens: list[int]) -> None:
         if self.store is not None and self._matcher_version != self.store.version:
             # The store was rebuilt (another request sharing it was added): match again from

@@ -52,6 +52,7 @@ class ServerState:
     def __init__(
         self, engine, *, model_name: str, aliases: tuple[str, ...], api_key: str | None, max_queue: int,
         max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, max_batch_tokens: int | None = None,
+        prefill_chunk: int | None = None,
     ):  # fmt: skip
         self.engine = engine
         self.model_name = model_name
@@ -65,7 +66,8 @@ class ServerState:
             self.batching_off_reason = "--max-num-seqs 1"
         else:
             try:
-                scheduler = engine.batch(max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens)
+                scheduler = engine.batch(max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
+                                         prefill_chunk=prefill_chunk)  # fmt: skip
             except InvalidArgument as e:  # a method or backend the scheduler refuses
                 self.batching_off_reason = str(e)
                 log.warning("continuous batching is off, requests run one at a time: %s", e)
@@ -93,7 +95,8 @@ class ServerState:
         if self.batch_stats is None:
             return {"enabled": False, "reason": self.batching_off_reason, "max_num_seqs": 1}
         return {"enabled": True, "max_num_seqs": w.scheduler.max_num_seqs,
-                "max_batch_tokens": w.scheduler.max_batch_tokens, "kv_cache_bytes": self.batch_cache_bytes,
+                "max_batch_tokens": w.scheduler.max_batch_tokens, "prefill_chunk": w.scheduler.prefill_chunk,
+                "kv_cache_bytes": self.batch_cache_bytes,
                 **self.batch_stats.summary()}  # fmt: skip
 
     # ---- request checks -----------------------------------------------------------------------
@@ -346,13 +349,14 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
     max_batch_tokens: int | None = None,
+    prefill_chunk: int | None = None,
 ) -> FastAPI:
     """An app serving ``engine`` (loaded once); its worker thread runs while the app does.
     Request bodies over ``max_body_bytes`` are refused with 413.
 
     With ``max_num_seqs`` > 1 up to that many requests are decoded together by the engine's
-    continuous-batching scheduler (``Engine.batch``; ``max_batch_tokens`` per step, default from
-    the target's cost model). Methods and backends the scheduler refuses (those the drafter
+    continuous-batching scheduler (``Engine.batch``; ``max_batch_tokens`` decoding rows per step,
+    default from the target's cost model, and up to ``prefill_chunk`` prompt tokens). Methods and backends the scheduler refuses (those the drafter
     registry declares not ``batchable``, auto; the hf backend) run one request at a time, as
     ``max_num_seqs=1`` does; /health says which and why."""
     if max_queue < 1:
@@ -363,11 +367,16 @@ def create_app(
         isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1
     ):
         raise InvalidArgument("max_batch_tokens", f"expected an integer >= 1, got {max_batch_tokens!r}")
+    if prefill_chunk is not None and (
+        isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1
+    ):
+        raise InvalidArgument("prefill_chunk", f"expected an integer >= 1, got {prefill_chunk!r}")
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise InvalidArgument("max_body_bytes", f"expected an integer >= 1, got {max_body_bytes!r}")
     state = ServerState(
         engine, model_name=model_name or engine.model_name, aliases=aliases, api_key=api_key or None,
         max_queue=max_queue, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
+        prefill_chunk=prefill_chunk,
     )  # fmt: skip
 
     @asynccontextmanager
@@ -455,7 +464,8 @@ def create_app(
         w = state.worker
         body = {"status": "ok" if w.alive else "unavailable", "model": state.model_name, "method": engine.method,
                 "verify": engine.verify.describe(), "lossy": engine.verify.lossy,
-                "queue_length": w.queue_length, "running": w.running, "batching": state.batching}  # fmt: skip
+                "queue_length": w.queue_length, "running": w.running, "worker_thread": w.thread_name,
+                "batching": state.batching}  # fmt: skip
         return JSONResponse(body, status_code=200 if w.alive else 503)
 
     @app.get("/metrics")

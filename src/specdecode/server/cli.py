@@ -43,8 +43,12 @@ def serve(
         "and the hf backend run one at a time whatever this says.",
     ),  # fmt: skip
     max_batch_tokens: Optional[int] = typer.Option(
-        None, min=1, help="Token budget of one batched step: the running requests' roots, drafts and prompt "
-        "chunks (default: where the target's forward costs twice a one-token forward, from its cost model).",
+        None, min=1, help="Token budget of one batched step's decoding rows: the running requests' roots and "
+        "drafts (default: where the target's forward costs twice a one-token forward, from its cost model).",
+    ),  # fmt: skip
+    prefill_chunk: Optional[int] = typer.Option(
+        None, min=1, help="Prompt tokens prefilled per batched step beside the decoding rows (default 512): "
+        "longer prompts are prefilled in chunks so that they do not stall the running requests.",
     ),  # fmt: skip
     served_model_name: Optional[str] = typer.Option(
         None, help="The model name clients use (default: the --model folder's name)."
@@ -77,7 +81,7 @@ def serve(
         app = create_app(
             engine, model_name=served_model_name or engine.model_name, aliases=aliases, api_key=api_key,
             max_queue=max_queue, max_body_bytes=max_body_bytes, max_num_seqs=max_num_seqs,
-            max_batch_tokens=max_batch_tokens,
+            max_batch_tokens=max_batch_tokens, prefill_chunk=prefill_chunk,
         )  # fmt: skip
     except (SpecDecodeError, TypeError) as e:
         fail(str(e))
@@ -97,7 +101,38 @@ def serve(
         )  # fmt: skip
     else:
         typer.secho(f"one request at a time: {state.batching_off_reason}", err=True, fg=typer.colors.YELLOW)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    _serve(app, uvicorn.Config(app, host=host, port=port, log_level=log_level))
+
+
+def _serve(app, config) -> None:
+    """uvicorn in a thread of its own, the generation worker on this (the main) thread: see
+    ``Worker.driven_by_caller`` for why. SIGINT/SIGTERM ask uvicorn to shut down gracefully; its
+    shutdown stops the worker, which ends the loop here."""
+    import signal
+    import threading
+
+    import uvicorn
+
+    worker = app.state.server.worker
+    worker.driven_by_caller = True
+    server = uvicorn.Server(config)
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:
+            worker.stop()  # also when uvicorn could not start (a port in use): end the loop below
+
+    def on_signal(signum, frame) -> None:
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    thread = threading.Thread(target=http, name="specdecode-http", daemon=True)
+    thread.start()
+    worker.run_here()
+    server.should_exit = True
+    thread.join(timeout=30)
 
 
 def register(app: typer.Typer) -> None:
