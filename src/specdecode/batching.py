@@ -29,8 +29,8 @@ path, and the requests waiting behind it spent most of their time in prefill.
 Exactness. Greedy: a request's tokens are the target's argmax path whatever its drafts, so they
 equal the request decoded alone (float32: up to float32 rounding, like every speculative step;
 bf16: bit for bit where the row-invariance check made the linears exact and the prompt is
-prefilled in one piece, as every prompt of up to ``prefill_chunk`` + 1 tokens is; see README). Sampling: each request has its own generator (seeded from
-its own ``seed``); verification is lossless speculative sampling per request, so each request's
+prefilled in one piece, as every prompt of up to ``prefill_chunk`` + 1 tokens is; see README).
+Sampling: each request has its own generator (seeded from its own ``seed``); verification is lossless speculative sampling per request, so each request's
 output has the target's distribution. A seeded request's draft lengths follow its own
 deterministic grow/shrink rule and its drafts are granted whole whenever the draft budget holds
 them, so its output repeats the lone engine's for the same seed; when the budget cannot hold
@@ -67,7 +67,8 @@ DEFAULT_MAX_BATCH_TOKENS = 64  # without a cost measurement
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per step: most prompts in one piece, as alone
 
 
-def _check_int(name: str, value, minimum: int = 1) -> int:
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` if it is an integer >= ``minimum`` (not a bool), else a clear InvalidArgument."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidArgument(name, f"expected an integer >= {minimum}, got {value!r}")
     return value
@@ -197,12 +198,12 @@ class BatchScheduler:
                  prefill_chunk: int | None = None):
         check_batchable(engine)
         self.engine = engine
-        self.max_num_seqs = _check_int("max_num_seqs", max_num_seqs)
+        self.max_num_seqs = check_int("max_num_seqs", max_num_seqs)
         self.cache = BatchedCache(engine.target, max_num_seqs)
         if max_batch_tokens is None:
             max_batch_tokens = self._default_budget()
-        self.max_batch_tokens = _check_int("max_batch_tokens", max_batch_tokens)
-        self.prefill_chunk = _check_int("prefill_chunk", DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk)
+        self.max_batch_tokens = check_int("max_batch_tokens", max_batch_tokens)
+        self.prefill_chunk = check_int("prefill_chunk", DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk)
         self.waiting: list[BatchRequest] = []
         self.running: list[BatchRequest] = []
         self._ids = itertools.count()
@@ -255,10 +256,10 @@ class BatchScheduler:
         from .results import GenerationStats
 
         eng = self.engine
+        # The engine's drafter may hold a lone request not yet ended (suffix commits it to the
+        # shared store at its next begin): end it now, so that no copy commits it again.
+        eng.drafter.end()
         req.drafter = copy.deepcopy(eng.drafter, dict(self._shared))
-        for part in (req.drafter, getattr(req.drafter, "first", None), getattr(req.drafter, "second", None)):
-            if part is not None and hasattr(part, "_seq"):
-                part._seq = []  # a suffix drafter's previous request is in the store already, or never will be
         s = eng.seeded_sizing
         req.sizing = FixedSizing(s.initial, adaptive=s.adaptive, maximum=s.maximum)
         req.sizing.begin()

@@ -136,9 +136,7 @@ class SuffixDrafter(Drafter):
         self._local_accepted = 0
 
     def begin(self, prompt_ids: list[int]) -> None:
-        if self.store is not None and self._seq:
-            self.store.add(self._seq)  # the previous request joins the store
-        self._seq = []
+        self.end()  # the previous request, if not ended yet, joins the store
         self.local = SuffixAutomaton(self.count_depth)
         self.local.start_document()
         if self.store is not None:

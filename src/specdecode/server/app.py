@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..batching import check_int
 from ..errors import InvalidArgument
 from .metrics import BatchStats, Metrics
 from .prompts import PromptEncoder, fit_max_tokens
@@ -356,23 +357,17 @@ def create_app(
 
     With ``max_num_seqs`` > 1 up to that many requests are decoded together by the engine's
     continuous-batching scheduler (``Engine.batch``; ``max_batch_tokens`` decoding rows per step,
-    default from the target's cost model, and up to ``prefill_chunk`` prompt tokens). Methods and backends the scheduler refuses (those the drafter
-    registry declares not ``batchable``, auto; the hf backend) run one request at a time, as
-    ``max_num_seqs=1`` does; /health says which and why."""
+    default from the target's cost model, and up to ``prefill_chunk`` prompt tokens). Methods and
+    backends the scheduler refuses (those the drafter registry declares not ``batchable``, auto;
+    the hf backend) run one request at a time, as ``max_num_seqs=1`` does; /health says which and
+    why. The limits are checked here, so that a bad one is an error rather than a fallback."""
     if max_queue < 1:
         raise InvalidArgument("max_queue", f"expected an integer >= 1, got {max_queue!r}")
-    if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
-        raise InvalidArgument("max_num_seqs", f"expected an integer >= 1, got {max_num_seqs!r}")
-    if max_batch_tokens is not None and (
-        isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1
-    ):
-        raise InvalidArgument("max_batch_tokens", f"expected an integer >= 1, got {max_batch_tokens!r}")
-    if prefill_chunk is not None and (
-        isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1
-    ):
-        raise InvalidArgument("prefill_chunk", f"expected an integer >= 1, got {prefill_chunk!r}")
-    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
-        raise InvalidArgument("max_body_bytes", f"expected an integer >= 1, got {max_body_bytes!r}")
+    check_int("max_num_seqs", max_num_seqs)
+    for name, value in (("max_batch_tokens", max_batch_tokens), ("prefill_chunk", prefill_chunk)):
+        if value is not None:
+            check_int(name, value)
+    check_int("max_body_bytes", max_body_bytes)
     state = ServerState(
         engine, model_name=model_name or engine.model_name, aliases=aliases, api_key=api_key or None,
         max_queue=max_queue, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
