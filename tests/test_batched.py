@@ -410,3 +410,19 @@ def test_batched_suffix_requests_join_the_shared_store(stories):
     assert again.result.stats.method["accepted_from_store"] > 20
     assert again.result.stats.target_forwards < first.result.stats.target_forwards / 3
     assert other.result.token_ids == engine.generate(STORY_PROMPTS[2], max_new_tokens=60).token_ids
+
+
+@pytest.mark.parametrize("method", ["recycle", "suffix+recycle"])
+def test_batched_requests_share_and_teach_the_recycle_table(stories, method):
+    """Token recycling's table is shared by every request of a batch, as by a lone engine's
+    requests in turn: not copied per request (for a large vocabulary that costs more than a
+    step), and what each request's verifications taught it stays for later requests."""
+    engine = stories.with_method(method, progress=False)
+    engine.drafter.forget()
+    table = engine.drafter.table if method == "recycle" else engine.drafter.recycle.table
+    sched = engine.batch(max_num_seqs=2, max_batch_tokens=32)
+    handles = [sched.submit(p, max_new_tokens=30) for p in STORY_PROMPTS[:2]]
+    sched.run()
+    assert len(table.rows) > 20  # both requests' verifications were recorded in the engine's table
+    for h, p in zip(handles, STORY_PROMPTS[:2]):
+        assert h.result.token_ids == engine.generate(p, max_new_tokens=30).token_ids

@@ -39,7 +39,8 @@ differ from the lone run.
 
 Drafters hold per-request state, so every request gets its own copy of the engine's drafter
 (the methods the registry declares ``batchable``, model-free ones, and hybrids of them; a suffix
-store of earlier requests is shared, read-only; a custom drafter may declare
+store of earlier requests is shared, read-only, and so is token recycling's table, which every
+request teaches, as a lone engine's requests do in turn; a custom drafter may declare
 ``batchable = True``). Methods that keep a model cache in step with one sequence (their own or
 the target's: sps, swift, quant) or read a datastore (rest) are refused.
 """
@@ -112,7 +113,10 @@ def check_batchable(engine) -> None:
 
 def _shared_parts(drafter) -> dict[int, object]:
     """Objects a per-request copy shares with the engine's drafter instead of copying: a suffix
-    store of earlier requests (possibly a big corpus), and anything holding a model."""
+    store of earlier requests (possibly a big corpus), token recycling's table (up to a row per
+    vocabulary id: copying it would cost more than a step, and what a request taught it would be
+    lost with the copy), and anything holding a model."""
+    from .drafters.recycle import RecycleTable
     from .drafters.suffix_store import SuffixStore
 
     memo: dict[int, object] = {}
@@ -123,7 +127,7 @@ def _shared_parts(drafter) -> dict[int, object]:
             continue
         seen.add(id(d))
         for value in vars(d).values():
-            if isinstance(value, SuffixStore) or hasattr(value, "forward"):
+            if isinstance(value, (SuffixStore, RecycleTable)) or hasattr(value, "forward"):
                 memo[id(value)] = value
             elif hasattr(value, "propose"):  # a hybrid's parts
                 stack.append(value)

@@ -7,7 +7,11 @@ vocabulary id, as "the k tokens that most likely follow this one" (the latest ob
 they make a free drafter: starting from the last token, follow those lists breadth first into a
 tree. The paper's tree has 80 nodes, sized for a GPU, where 80 tokens cost about what one does;
 here the tree is grown best first by the recorded probabilities (``trees.grow_tree``) and the
-engine's draft length caps it, so it fits a CPU's cost curve. The table survives across requests
+engine's sizing cuts it, so it fits the machine's cost curve. The drafter's own floor
+(``min_prob``) is low on purpose: where verifying one more token costs nothing (a CPU that pads
+single rows to 2-row products for exactness, a GPU), even a 10% candidate is worth verifying,
+and only the sizing, which knows the cost curve, can tell; the floor just bounds the work of
+growing the tree. The table survives across requests
 (the paper's "hot start").
 
 ``SuffixRecycleDrafter`` (``suffix+recycle``) drafts from the suffix indexes where they match at
@@ -59,7 +63,7 @@ class RecycleDrafter(Drafter):
     name = "recycle"
     default_draft_length = 12
 
-    def __init__(self, *, k: int = 8, branch: int = 4, max_depth: int = 8, min_prob: float = 0.15, tree: bool = True):
+    def __init__(self, *, k: int = 8, branch: int = 4, max_depth: int = 8, min_prob: float = 0.02, tree: bool = True):
         self.table = RecycleTable(opt.integer("k", k), opt.integer("branch", branch))
         if branch > k:
             raise InvalidArgument("branch", f"expected at most k ({k}) children per node, got {branch}")
@@ -144,16 +148,18 @@ class SuffixRecycleDrafter(Drafter):
         self._propose_len = len(tokens)
         roots, longest = self.suffix.sources(tokens)
         budget = self.suffix.node_budget(longest, max_tokens)
+        min_prob = self.suffix.min_prob
         if longest < self.recycle_below:
             roots = roots + self.recycle.table.candidates(tokens[-1], 0)
             budget = max_tokens
+            min_prob = min(min_prob, self.recycle.min_prob)  # the sizing's cut decides (see above)
             self._recycled_steps += 1
         if not roots:
             self._meta = []
             return Draft()
         draft, self._meta = grow_tree(
             roots, _expand, budget=budget, max_depth=max(self.suffix.max_depth, self.recycle.max_depth),
-            min_prob=self.suffix.min_prob, chain=not self.tree, calibration=self.calibration,
+            min_prob=min_prob, chain=not self.tree, calibration=self.calibration,
         )  # fmt: skip
         return draft
 
