@@ -38,10 +38,13 @@ them (speculation off, or many seeded requests at once), it stays correctly dist
 differ from the lone run.
 
 Drafters hold per-request state, so every request gets its own copy of the engine's drafter
-(the methods the registry declares ``batchable``, model-free ones, and hybrids of them; a suffix
-store of earlier requests is shared, read-only, and so is token recycling's table, which every
-request teaches, as a lone engine's requests do in turn; a custom drafter may declare
-``batchable = True``). Methods that keep a model cache in step with one sequence (their own or
+(the methods the registry declares ``batchable``, model-free ones, and hybrids of them; a custom
+drafter may declare ``batchable = True``). Memory across requests is shared, not copied: suffix's
+store of earlier requests (which a request joins when it ends) and token recycling's table (which
+every request's verifications teach as they happen, as a lone engine's requests do in turn).
+Drafts from such memory depend on what it holds when they are made, so a seeded request of those
+methods repeats the lone engine's output only from the same memory; its distribution is exact
+either way. Methods that keep a model cache in step with one sequence (their own or
 the target's: sps, swift, quant) or read a datastore (rest) are refused.
 """
 
