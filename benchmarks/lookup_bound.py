@@ -35,8 +35,9 @@ from pathlib import Path
 
 import torch
 
+from specdecode.bench.answers import read_answers
 from specdecode.bench.conversation import Conversation
-from specdecode.bench.questions import SUBTASKS, subtask_of
+from specdecode.bench.questions import SUBTASKS, load_questions, subtask_of
 from specdecode.costmodel import CostModel
 from specdecode.engine import Engine
 
@@ -48,11 +49,13 @@ MAX_DRAFT = 16  # longest continuation the oracle may verify (the engine's defau
 def teacher_forced(engine: Engine, questions: dict, answers_path: Path, chunk: int = 256) -> list[dict]:
     """Per turn: prompt ids, answer ids, the target's top-k ids after every token, wall times."""
     target, turns = engine.target, []
-    for line in answers_path.read_text().splitlines():
-        answer = json.loads(line)
+    answers = read_answers(answers_path)
+    if not answers:
+        raise SystemExit(f"no answers in {answers_path}")
+    for answer in answers:
         choice = answer["choices"][0]
         conv = Conversation(engine.tokenizer)
-        for i, (turn, ids) in enumerate(zip(questions[answer["question_id"]]["turns"], choice["token_ids"])):
+        for i, (turn, ids) in enumerate(zip(questions[answer["question_id"]].turns, choice["token_ids"])):
             prompt = engine.encode(conv.ask(turn))
             conv.answer(choice["turns"][i])
             full = prompt + ids
@@ -175,7 +178,7 @@ def main() -> None:
     if args.cache and args.cache.exists():
         turns = json.loads(args.cache.read_text())
     else:
-        questions = {q["question_id"]: q for q in map(json.loads, Path(args.questions).read_text().splitlines())}
+        questions = {q.question_id: q for q in load_questions(args.questions)}
         turns = teacher_forced(engine, questions, args.answers)
         if args.cache:
             args.cache.write_text(json.dumps(turns))

@@ -30,8 +30,9 @@ Exactness. Greedy: a request's tokens are the target's argmax path whatever its 
 equal the request decoded alone (float32: up to float32 rounding, like every speculative step;
 bf16: bit for bit where the row-invariance check made the linears exact and the prompt is
 prefilled in one piece, as every prompt of up to ``prefill_chunk`` + 1 tokens is; see README).
-Sampling: each request has its own generator (seeded from its own ``seed``); verification is lossless speculative sampling per request, so each request's
-output has the target's distribution. A seeded request's draft lengths follow its own
+Sampling: each request has its own generator (seeded from its own ``seed``); verification is
+lossless speculative sampling per request, so each request's output has the target's
+distribution. A seeded request's draft lengths follow its own
 deterministic grow/shrink rule and its drafts are granted whole whenever the draft budget holds
 them, so its output repeats the lone engine's for the same seed; when the budget cannot hold
 them (speculation off, or many seeded requests at once), it stays correctly distributed but may
@@ -61,6 +62,7 @@ import torch
 from .backends.batched import BatchedCache, Segment
 from .decoding import Prefill, Step, emitted_tokens, synchronize
 from .draft import Draft, verify_sampling
+from .drafters import options as opt
 from .drafters import registry
 from .errors import InvalidArgument
 from .sampling import SamplingParams, make_generator
@@ -69,13 +71,6 @@ from .text import OutputText
 
 DEFAULT_MAX_BATCH_TOKENS = 64  # without a cost measurement
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per step: most prompts in one piece, as alone
-
-
-def check_int(name: str, value, minimum: int = 1) -> int:
-    """``value`` if it is an integer >= ``minimum`` (not a bool), else a clear InvalidArgument."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidArgument(name, f"expected an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def budget_from_cost(cost, context: int = 128, factor: float = 2.0, low: int = 16, high: int = 512) -> int:
@@ -205,12 +200,12 @@ class BatchScheduler:
                  prefill_chunk: int | None = None):
         check_batchable(engine)
         self.engine = engine
-        self.max_num_seqs = check_int("max_num_seqs", max_num_seqs)
+        self.max_num_seqs = opt.integer("max_num_seqs", max_num_seqs)
         self.cache = BatchedCache(engine.target, max_num_seqs)
         if max_batch_tokens is None:
             max_batch_tokens = self._default_budget()
-        self.max_batch_tokens = check_int("max_batch_tokens", max_batch_tokens)
-        self.prefill_chunk = check_int("prefill_chunk", DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk)
+        self.max_batch_tokens = opt.integer("max_batch_tokens", max_batch_tokens)
+        self.prefill_chunk = opt.integer("prefill_chunk", DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk)
         self.waiting: list[BatchRequest] = []
         self.running: list[BatchRequest] = []
         self._ids = itertools.count()

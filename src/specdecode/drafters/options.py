@@ -1,4 +1,5 @@
-"""Checks for drafter options: a bad value is an ``InvalidArgument`` naming the option."""
+"""Checks for options (the drafters', the batch scheduler's, the server's): a bad value is an
+``InvalidArgument`` naming the option."""
 
 from __future__ import annotations
 

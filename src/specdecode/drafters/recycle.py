@@ -11,8 +11,7 @@ engine's sizing cuts it, so it fits the machine's cost curve. The drafter's own 
 (``min_prob``) is low on purpose: where verifying one more token costs nothing (a CPU that pads
 single rows to 2-row products for exactness, a GPU), even a 10% candidate is worth verifying,
 and only the sizing, which knows the cost curve, can tell; the floor just bounds the work of
-growing the tree. The table survives across requests
-(the paper's "hot start").
+growing the tree. The table survives across requests (the paper's "hot start").
 
 ``SuffixRecycleDrafter`` (``suffix+recycle``) drafts from the suffix indexes where they match at
 least ``recycle_below`` tokens and adds recycled candidates to the tree where the match is shorter

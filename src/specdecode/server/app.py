@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..batching import check_int
+from ..drafters import options as opt
 from ..errors import InvalidArgument
 from .metrics import BatchStats, Metrics
 from .prompts import PromptEncoder, fit_max_tokens
@@ -363,11 +363,11 @@ def create_app(
     why. The limits are checked here, so that a bad one is an error rather than a fallback."""
     if max_queue < 1:
         raise InvalidArgument("max_queue", f"expected an integer >= 1, got {max_queue!r}")
-    check_int("max_num_seqs", max_num_seqs)
+    opt.integer("max_num_seqs", max_num_seqs)
     for name, value in (("max_batch_tokens", max_batch_tokens), ("prefill_chunk", prefill_chunk)):
         if value is not None:
-            check_int(name, value)
-    check_int("max_body_bytes", max_body_bytes)
+            opt.integer(name, value)
+    opt.integer("max_body_bytes", max_body_bytes)
     state = ServerState(
         engine, model_name=model_name or engine.model_name, aliases=aliases, api_key=api_key or None,
         max_queue=max_queue, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
