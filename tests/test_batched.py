@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import specdecode.batching as batching_module
+import specdecode.verification as verification_module
 from specdecode import Engine, InvalidArgument, SamplingParams
 from specdecode.backends.batched import BatchedCache, Segment
 from specdecode.backends.native import NativeBackend
@@ -92,9 +92,45 @@ def test_hf_backend_and_model_methods_are_refused(stories_path, noisy_stories):
     hf = Engine.from_pretrained(stories_path, "pld", backend="hf", dtype="float32", progress=False)
     with pytest.raises(InvalidArgument, match="native backend"):
         hf.generate_batch(["Tom had"], max_new_tokens=4)
-    sps = Engine.from_pretrained(stories_path, "sps", draft_model=noisy_stories, progress=False)
-    with pytest.raises(InvalidArgument, match="sps"):
-        sps.batch()
+    swift = Engine.from_pretrained(stories_path, "swift", progress=False)  # a skip set tuned on one sequence
+    with pytest.raises(InvalidArgument, match="swift"):
+        swift.batch()
+
+
+# ---- every method batched: sps (a cache per request over one draft model), quant and pld+quant
+# (one quantized copy drafting over each request's own slot), rest (one datastore) --------------
+
+
+@pytest.mark.parametrize("method", ["sps", "quant", "pld+quant", "pld+sps"])
+def test_model_drafters_batch_equals_lone(stories_path, noisy_stories, method):
+    draft = noisy_stories if "sps" in method else None
+    engine = Engine.from_pretrained(stories_path, method, draft_model=draft, progress=False)
+    want = [lone(engine, p, max_new_tokens=40) for p in STORY_PROMPTS]
+    got = engine.generate_batch(STORY_PROMPTS, max_new_tokens=40, max_num_seqs=3, max_batch_tokens=20)
+    assert [r.token_ids for r in got] == [w.token_ids for w in want]
+    assert sum(r.stats.accepted_draft_tokens for r in got) > 0  # speculation happened
+    assert all(r.stats.method.get("batched") for r in got)
+
+
+def test_model_drafters_batch_equals_lone_in_bf16_bit_for_bit(stories_path):
+    engine = Engine.from_pretrained(stories_path, "pld+quant", dtype="bfloat16", progress=False)
+    prompts = STORY_PROMPTS[:4]
+    want = [engine.generate(p, max_new_tokens=48).token_ids for p in prompts]
+    got = engine.generate_batch(prompts, max_new_tokens=48, max_num_seqs=4, max_batch_tokens=96)
+    assert [r.token_ids for r in got] == want
+
+
+def test_rest_batch_equals_lone(stories_path, tmp_path):
+    from specdecode.datastore import build_datastore
+
+    engine = Engine.from_pretrained(stories_path, "pld", progress=False)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(STORY_PROMPTS * 3))
+    build_datastore(corpus, tmp_path / "ds", engine.tokenizer, "stories")
+    rest = engine.with_method("rest", datastore=str(tmp_path / "ds"), progress=False)
+    want = [rest.generate(p, max_new_tokens=32).token_ids for p in STORY_PROMPTS]
+    got = rest.generate_batch(STORY_PROMPTS, max_new_tokens=32, max_num_seqs=3, max_batch_tokens=20)
+    assert [r.token_ids for r in got] == want
 
 
 # ---- greedy: batched == alone ------------------------------------------------------------------
@@ -372,7 +408,7 @@ def test_the_batched_test_catches_a_biased_verifier(small_vocab, monkeypatch):  
     def accept_everything(draft, logits, params, generator):
         return list(range(len(draft))), sample(probabilities(logits[len(draft)], params), generator)
 
-    monkeypatch.setattr(batching_module, "verify_sampling", accept_everything)
+    monkeypatch.setattr(verification_module, "verify_sampling", accept_everything)  # the one verification step's
     params = SamplingParams(temperature=1.0)
     engine = Engine.from_pretrained(target, "pld", draft_length=4, adaptive=False, progress=False)
     counts = _batched_joint(engine, params, 3_000)

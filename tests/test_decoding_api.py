@@ -102,11 +102,12 @@ def test_stats_are_the_fold_of_the_step_records():
 def test_the_loop_yields_a_prefill_then_immutable_steps(stories_path):
     import dataclasses
 
-    from specdecode.decoding import Prefill, Step, decode
+    from specdecode.decoding import Prefill, Request, Step, decode
 
     engine = Engine.from_pretrained(stories_path, "pld", sizing="fixed", progress=False)
     ids = engine.encode("The dog ran. The dog ran. The dog ran.")
-    records = list(decode(engine.target, engine.drafter, engine.sizing, engine.verify, engine.eos_ids, ids, 40, GREEDY))
+    request = Request(ids, GREEDY, 40, engine.drafter, engine.sizing, engine.eos_ids)
+    records = list(decode(engine.target, request, engine.verify))
     assert isinstance(records[0], Prefill) and all(isinstance(r, Step) for r in records[1:])
     steps = records[1:]
     with pytest.raises(dataclasses.FrozenInstanceError):

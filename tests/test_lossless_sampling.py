@@ -17,7 +17,7 @@ import torch
 from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM
 
-import specdecode.decoding as decoding_module
+import specdecode.verification as verification_module  # where the one verification step takes its verifier
 from specdecode import Engine, SamplingParams
 from specdecode.draft import Draft
 from specdecode.sampling import probabilities, sample
@@ -108,7 +108,7 @@ def test_the_test_catches_a_biased_verifier(small_vocab, monkeypatch):
     def accept_everything(draft: Draft, logits, params, generator):
         return list(range(len(draft))), sample(probabilities(logits[len(draft)], params), generator)
 
-    monkeypatch.setattr(decoding_module, "verify_sampling", accept_everything)
+    monkeypatch.setattr(verification_module, "verify_sampling", accept_everything)
     params = SamplingParams(temperature=1.0)
     engine = Engine.from_pretrained(target, "sps", draft_model=draft, draft_length=4, adaptive=False, progress=False)
     counts = joint_counts(engine, params, draws=3_000)  # a quarter of the draws already rejects it

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import specdecode.decoding as decoding_module
+import specdecode.verification as verification_module  # where the one verification step takes its verifier
 from specdecode import Engine, SamplingParams
 from specdecode.datastore import Datastore
 from specdecode.drafters import LookaheadDrafter, RecycleDrafter, RestDrafter, SuffixDrafter, SuffixRecycleDrafter
@@ -106,7 +106,7 @@ def test_the_harness_catches_a_biased_verifier(tmp_path, monkeypatch):
             path.append(node)
         return path, sample(probabilities(logits[node + 1], params), generator)
 
-    monkeypatch.setattr(decoding_module, "verify_sampling", accept_everything)
+    monkeypatch.setattr(verification_module, "verify_sampling", accept_everything)
     backend = MarkovBackend(V, seed=3)
     params = SamplingParams(temperature=1.0)
     engine = Engine(backend, CharTokenizer(), make_drafter("suffix", tmp_path), eos_ids=set())

@@ -171,14 +171,14 @@ def test_bf16_block_logits_equal_one_token_at_a_time(wide_heads):
 def test_linear_cuts_blocks_where_the_kernel_changes(monkeypatch):
     """A kernel whose arithmetic changes above 4 rows is detected at load time, and longer
     verification blocks are cut into chunks of 4: each row still equals the row done alone."""
-    from specdecode.backends import native
+    from specdecode.backends import kernels
 
     def drifting(self, x):  # rounding that depends on the number of rows, as real kernels may
         return torch.nn.functional.linear(x, self.weight, self.bias) + (0.5 if x.shape[0] > 4 else 0.0)
 
-    monkeypatch.setattr(native._Linear, "_apply", drifting)
+    monkeypatch.setattr(kernels.Linear, "_apply", drifting)
     w = torch.randn(8, 16).bfloat16()  # bf16 products of a few rows are row-invariant on CPU
-    lin = native._Linear(w, None, pack=False)
+    lin = kernels.Linear(w, None, pack=False)
     result = lin.check_rows("test.drifting")
     assert (result.invariant_rows, result.pad_rows, result.chunk_rows, lin.max_rows, result.exact) == (4, 1, 4, 4, True)
     x = torch.randn(10, 16).bfloat16()
@@ -191,13 +191,13 @@ def test_linear_pads_single_rows_where_the_kernel_takes_another_path_for_them(mo
     """A kernel whose single-row path rounds differently from its 2+-row path (a matrix-vector
     product against a blocked product, as seen on CPUs) is not invariant even for 2 rows: single
     rows are then computed in products of 2 and blocks stay whole."""
-    from specdecode.backends import native
+    from specdecode.backends import kernels
 
     def two_paths(self, x):
         return torch.nn.functional.linear(x, self.weight, self.bias) + (0.5 if x.shape[0] == 1 else 0.0)
 
-    monkeypatch.setattr(native._Linear, "_apply", two_paths)
-    lin = native._Linear(torch.randn(8, 16).bfloat16(), None, pack=False)
+    monkeypatch.setattr(kernels.Linear, "_apply", two_paths)
+    lin = kernels.Linear(torch.randn(8, 16).bfloat16(), None, pack=False)
     result = lin.check_rows("test.two_paths")
     assert (result.invariant_rows, result.pad_rows, result.chunk_rows, result.exact) == (1, 2, 32, True)
     x = torch.randn(33, 16).bfloat16()
@@ -210,15 +210,15 @@ def test_linear_pads_single_rows_where_the_kernel_takes_another_path_for_them(mo
 def test_a_lucky_probe_does_not_pass_a_kernel(monkeypatch):
     """A kernel whose rounding differs above 4 rows only for some inputs is caught by the
     several probes (one random probe of the old check could pass it)."""
-    from specdecode.backends import invariance, native
+    from specdecode.backends import invariance, kernels
 
     def sometimes(self, x):
         y = torch.nn.functional.linear(x, self.weight, self.bias)
         # rows "near a rounding boundary": only some inputs show the kernel's change
         return y + ((x[:, :1] > 0.5) * 0.5 if x.shape[0] > 4 else 0.0)
 
-    monkeypatch.setattr(native._Linear, "_apply", sometimes)
-    lin = native._Linear(torch.randn(8, 16).bfloat16(), None, pack=False)
+    monkeypatch.setattr(kernels.Linear, "_apply", sometimes)
+    lin = kernels.Linear(torch.randn(8, 16).bfloat16(), None, pack=False)
     probes = invariance.make_probes(16, torch.bfloat16, torch.device("cpu"))
     lucky = [p for p in probes if not (p[:5, 0] > 0.5).any()]
     assert invariance.invariant_rows(lin._apply, [torch.zeros(32, 16).bfloat16()]) == 32  # one lucky probe passes

@@ -194,7 +194,7 @@ def test_sampling_preserves_the_distribution(tmp_path_factory, stories_path, one
     engine = Engine.from_pretrained(target, "quant", branches=(3, 3, 3, 3), draft_length=3, stop_below=0.12, progress=False)
     # The quantized copy of this model nearly equals it; a noisy output layer makes q differ
     # from p, so that rejections and residual distributions are exercised.
-    w = engine.target.lm_head.source
+    w = engine.target.lm_head.plain()
     noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
     engine.drafter.weights.lm_head = QuantLinear(w + 1.5 * w.std() * noise, None, 4, 32)
     counts = joint_counts(engine, params)

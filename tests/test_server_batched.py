@@ -527,7 +527,7 @@ def test_stop_tells_running_and_waiting_clients(engine):
 # ---- methods the scheduler refuses: one at a time, and it says so ---------------------------------
 
 
-@pytest.mark.parametrize("kind", ["hf-backend", "sps"])
+@pytest.mark.parametrize("kind", ["hf-backend", "swift"])
 def test_refused_method_falls_back_to_one_at_a_time(kind, chat_model, reference, caplog):
     from fastapi.testclient import TestClient
 
@@ -537,8 +537,8 @@ def test_refused_method_falls_back_to_one_at_a_time(kind, chat_model, reference,
         eng = Engine.from_pretrained(chat_model, "vanilla", backend="hf", progress=False)
         words = "native backend"
     else:
-        eng = Engine.from_pretrained(chat_model, "sps", draft_model=chat_model, progress=False)
-        words = "'sps'"
+        eng = Engine.from_pretrained(chat_model, "swift", progress=False)
+        words = "'swift'"
     with caplog.at_level(logging.WARNING, logger="specdecode.server"):
         app = create_app(eng, model_name="m", max_num_seqs=8)
     assert any("one at a time" in r.getMessage() and words in r.getMessage() for r in caplog.records)

@@ -1,6 +1,7 @@
 """specdecode: lossless speculative decoding for Hugging Face causal LMs."""
 
 from .engine import Engine
+from . import auto  # noqa: F401 - registers method 'auto' with the engine
 from .results import GenerationResult, GenerationStats, GenerationStream
 from .errors import InvalidArgument, ModelLoadError, SpecDecodeError
 from .sampling import SamplingParams

@@ -22,9 +22,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Generator
 
+from .drafters import registry
 from .drafters.base import Drafter
-from .engine import Engine
+from .engine import CHOOSERS, Engine
 from .errors import InvalidArgument
+from .checks import integer
 from .results import GenerationResult
 
 DEFAULT_ARMS = ("pld+quant", "pld", "quant")  # no second model needed (quant: native backend)
@@ -38,8 +40,7 @@ class ArmChooser:
         if not arms:
             raise InvalidArgument("arms", "expected at least one method")
         for name, value in (("window", window), ("explore_every", explore_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidArgument(name, f"expected a positive integer, got {value!r}")
+            integer(name, value)
         self.arms = list(arms)
         self.explore_every = explore_every
         self.speeds: dict[str, deque[float]] = {a: deque(maxlen=window) for a in self.arms}
@@ -78,13 +79,21 @@ class _Arms(Drafter):
     def __init__(self, arms: dict[str, Engine]):
         self.arm_engines = arms
 
-    def forget(self) -> None:
-        seen: set[int] = set()
+    def _parts(self) -> list[Drafter]:
+        """Every arm's drafters, each once (arms share them)."""
+        parts: dict[int, Drafter] = {}
         for engine in self.arm_engines.values():
             for d in _drafters(engine.drafter):
-                if id(d) not in seen:
-                    seen.add(id(d))
-                    d.forget()
+                parts.setdefault(id(d), d)
+        return list(parts.values())
+
+    def forget(self) -> None:
+        for d in self._parts():
+            d.forget()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(d.nbytes for d in self._parts())
 
 
 def _drafters(drafter: Drafter) -> list[Drafter]:
@@ -128,3 +137,34 @@ class AutoEngine(Engine):
             self.chooser.record(name, s.new_tokens, s.total_time - s.prefill_time)
         s.method = {"auto.arm": name, **self.chooser.stats(), **s.method}
         return result
+
+
+def build_auto(base: Engine, *, draft_model, sizing, progress, draft_quant, verify, arms=None, window: int = 6,
+               explore_every: int = 8, **others) -> "AutoEngine":
+    """``Engine.with_method("auto", ...)``: an engine that runs each request on the arm that has
+    decoded fastest, its arms engines sharing ``base``'s target."""
+    if others:
+        raise InvalidArgument("method_options", f"auto takes arms, window and explore_every, not {', '.join(others)}")
+    explicit = arms is not None
+    names = parse_arms(arms, draft_model is not None)
+    if not explicit and not base.target.supports_self_draft:  # default arms with quant need the native backend
+        names = [n for n in names if not registry.needs(n, "self_drafting")] or ["pld"]
+    for name in names:
+        if registry.needs(name, "draft_model") and draft_model is None:
+            raise InvalidArgument("draft_model", f"auto's arm {name!r} needs a draft model")
+    if draft_model is not None and not any(registry.needs(n, "draft_model") for n in names):
+        raise InvalidArgument("draft_model", f"none of auto's arms ({', '.join(names)}) uses a draft model")
+    chooser = ArmChooser(names, window=window, explore_every=explore_every)
+    shared: dict[str, Drafter] = {}
+
+    def arm(name: str) -> Engine:
+        uses = registry.needs(name, "draft_model")
+        return base.with_method(
+            name, draft_model=draft_model if uses else None, sizing=sizing, progress=progress,
+            draft_quant=draft_quant if uses else None, verify=verify, _shared=shared,
+        )  # fmt: skip
+
+    return AutoEngine(base, {name: arm(name) for name in names}, chooser)
+
+
+CHOOSERS["auto"] = build_auto

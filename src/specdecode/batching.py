@@ -51,22 +51,21 @@ the target's: sps, swift, quant) or read a datastore (rest) are refused.
 
 from __future__ import annotations
 
-import copy
 import heapq
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .backends.batched import BatchedCache, Segment
-from .decoding import Prefill, Step, emitted_tokens, synchronize
-from .draft import Draft, verify_sampling
-from .drafters import options as opt
+from .decoding import Plan, Prefill, Request, synchronize
+from . import checks as opt
 from .drafters import registry
 from .errors import InvalidArgument
-from .sampling import SamplingParams, make_generator
-from .sizing import AcceptanceModel, FixedSizing, StepRecord
+from .sampling import SamplingParams
+from .sizing import FixedSizing
+from .results import GenerationResult, GenerationStats
 from .text import OutputText
 
 DEFAULT_MAX_BATCH_TOKENS = 64  # without a cost measurement
@@ -87,49 +86,48 @@ def budget_from_cost(cost, context: int = 128, factor: float = 2.0, low: int = 1
 
 
 def check_batchable(engine) -> None:
-    """Refuse engines whose method cannot run in a batch (see the module docstring)."""
-    drafter = getattr(engine, "drafter", None)
-    name = getattr(drafter, "name", None)
-    if type(engine).__name__ == "AutoEngine" or name is None:
-        raise InvalidArgument("method", "method 'auto' chooses per request and cannot batch; pick a method")
-    if getattr(drafter, "batchable", False):  # a custom drafter that declares itself copyable per request
+    """Refuse engines whose method cannot run in a batch (see the module docstring): the
+    drafter says whether it can follow one request beside others (``Drafter.batchable``, set
+    from the registry for its methods)."""
+    drafter = engine.drafter
+    if drafter.batchable:
         return
-    try:
-        ok = registry.batchable(name)
-    except InvalidArgument:  # a custom drafter that does not say
-        ok = False
-    if not ok:
-        refused = registry.names(batchable=False)
-        with_models = [n for n in refused if not registry.REGISTRY[n].datastore]
-        datastores = [n for n in refused if registry.REGISTRY[n].datastore]
-        raise InvalidArgument(
-            "method", f"batched generation supports the model-free methods {', '.join(registry.names(batchable=True))} "
-            f"(and hybrids of them), not {name!r}: a drafter with a model cache in step with one sequence "
-            f"({', '.join(with_models)}) or a datastore ({', '.join(datastores)}) runs one request at a time"
-        )  # fmt: skip
+    if drafter.name == "auto":
+        raise InvalidArgument("method", "method 'auto' chooses per request and cannot batch; pick a method")
+    raise InvalidArgument(
+        "method", f"batched generation supports the methods {', '.join(registry.names(batchable=True))} "
+        f"(and hybrids of them), not {drafter.name!r}, which runs one request at a time"
+    )  # fmt: skip
 
 
-def _shared_parts(drafter) -> dict[int, object]:
-    """Objects a per-request copy shares with the engine's drafter instead of copying: a suffix
-    store of earlier requests (possibly a big corpus), token recycling's table (up to a row per
-    vocabulary id: copying it would cost more than a step, and what a request taught it would be
-    lost with the copy), and anything holding a model."""
-    from .drafters.recycle import RecycleTable
-    from .drafters.suffix_store import SuffixStore
+@dataclass(frozen=True)
+class BatchLimits:
+    """How much a batch holds, checked once (InvalidArgument naming the limit).
 
-    memo: dict[int, object] = {}
-    stack, seen = [drafter], set()
-    while stack:
-        d = stack.pop()
-        if id(d) in seen:
-            continue
-        seen.add(id(d))
-        for value in vars(d).values():
-            if isinstance(value, (SuffixStore, RecycleTable)) or hasattr(value, "forward"):
-                memo[id(value)] = value
-            elif hasattr(value, "propose"):  # a hybrid's parts
-                stack.append(value)
-    return memo
+    max_num_seqs: requests decoded at once (slots). max_batch_tokens: decoding rows per step
+    (None: from the target's cost curve, see ``budget_from_cost``). prefill_chunk: prompt tokens
+    prefilled per step. kv_cache_bytes: what the slots' KV caches may hold together (None: no
+    budget); a request joins when the cache its prompt and ``max_new_tokens`` can reach fits
+    beside the running requests', and is refused at once when it could never fit."""
+
+    max_num_seqs: int = 8
+    max_batch_tokens: int | None = None
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    kv_cache_bytes: int | None = None
+
+    def __post_init__(self):
+        opt.integer("max_num_seqs", self.max_num_seqs)
+        opt.integer("prefill_chunk", self.prefill_chunk)
+        for name in ("max_batch_tokens", "kv_cache_bytes"):
+            if getattr(self, name) is not None:
+                opt.integer(name, getattr(self, name))
+
+    @classmethod
+    def make(cls, max_num_seqs: int = 8, max_batch_tokens: int | None = None, prefill_chunk: int | None = None,
+             kv_cache_bytes: int | None = None) -> "BatchLimits":  # fmt: skip
+        """Like the constructor, but a missing prefill chunk means the default."""
+        chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
+        return cls(max_num_seqs, max_batch_tokens, chunk, kv_cache_bytes)
 
 
 @dataclass
@@ -155,14 +153,9 @@ class BatchRequest:
     status: str = "waiting"  # waiting, prefill, decode, done
     result: object = None  # GenerationResult once done
     # ---- internal state ----
-    drafter: object = None
-    sizing: FixedSizing | None = None
-    acceptance: AcceptanceModel = field(default_factory=AcceptanceModel)
-    generator: torch.Generator | None = None
+    state: Request | None = None  # the decoding state (decoding.py), from admission on
     slot: int = -1
-    tokens: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens cached so far (of prompt[:-1])
-    generated: int = 0
     output: OutputText | None = None
     finish_reason: str = "length"
     cancelled: bool = False
@@ -174,19 +167,24 @@ class BatchRequest:
         return self.status == "done"
 
     @property
-    def seeded_sampling(self) -> bool:
-        return self.params.seed is not None and not self.params.greedy
+    def drafter(self):
+        return self.state.drafter if self.state is not None else None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.state.tokens if self.state is not None else list(self.prompt_ids)
 
 
 @dataclass
 class _Plan:
     request: BatchRequest
     kind: str  # "prefill" or "decode"
-    ids: list[int] = field(default_factory=list)
-    proposed: Draft = field(default_factory=Draft)
-    draft: Draft = field(default_factory=Draft)
-    start: int = 0
-    draft_seconds: float = 0.0
+    ids: list[int] = field(default_factory=list)  # a prefill chunk
+    step: Plan | None = None  # a decoding step's draft
+
+    @property
+    def draft(self):
+        return self.step.draft if self.step is not None else ()
 
 
 class BatchScheduler:
@@ -196,20 +194,20 @@ class BatchScheduler:
     returns what it produced; ``cancel`` ends a request at the next step. ``run`` steps until
     every request is done."""
 
-    def __init__(self, engine, *, max_num_seqs: int = 8, max_batch_tokens: int | None = None,
-                 prefill_chunk: int | None = None):
+    def __init__(self, engine, limits: BatchLimits | None = None, **settings):
+        """``limits``, or its fields as keywords (``max_num_seqs=8``, ...)."""
+        limits = limits if limits is not None else BatchLimits.make(**settings)
         check_batchable(engine)
         self.engine = engine
-        self.max_num_seqs = opt.integer("max_num_seqs", max_num_seqs)
-        self.cache = BatchedCache(engine.target, max_num_seqs)
-        if max_batch_tokens is None:
-            max_batch_tokens = self._default_budget()
-        self.max_batch_tokens = opt.integer("max_batch_tokens", max_batch_tokens)
-        self.prefill_chunk = opt.integer("prefill_chunk", DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk)
+        self.limits = limits
+        self.max_num_seqs = limits.max_num_seqs
+        self.cache = BatchedCache(engine.target, limits.max_num_seqs)
+        self.max_batch_tokens = limits.max_batch_tokens or self._default_budget()
+        self.prefill_chunk = limits.prefill_chunk
+        self.kv_bytes_per_token = engine.target.new_cache(1).bytes_per_token
         self.waiting: list[BatchRequest] = []
         self.running: list[BatchRequest] = []
         self._ids = itertools.count()
-        self._shared = _shared_parts(engine.drafter)
         self.steps = 0
         self.last_step: dict = {}  # what the last step's forward held (tests, metrics)
 
@@ -234,10 +232,25 @@ class BatchScheduler:
         stop: str | list[str] | None = None,
     ) -> BatchRequest:
         """Queue a request (checked now); it joins the batch at the next step with a free slot."""
-        ids, params, stops = self.engine._prepare(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop)
+        ids, params, stops = self.engine.prepare(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop)
         req = BatchRequest(next(self._ids), ids, params, max_new_tokens, stops)
+        budget = self.limits.kv_cache_bytes
+        if budget is not None and self._kv_need(req) > budget:
+            raise InvalidArgument(
+                "max_new_tokens", f"the prompt ({len(ids)} tokens) and max_new_tokens ({max_new_tokens}) need "
+                f"{self._kv_need(req) / 2**20:.1f} MiB of KV cache; the server's budget (--kv-cache-memory) holds "
+                f"{budget / 2**20:.1f} MiB for all requests together: ask for fewer tokens"
+            )  # fmt: skip
         self.waiting.append(req)
         return req
+
+    def _kv_need(self, req: BatchRequest) -> int:
+        """The most KV cache ``req`` can come to hold (its whole prompt and answer)."""
+        return min(len(req.prompt_ids) + req.max_new_tokens, self.cache.max_length) * self.kv_bytes_per_token
+
+    def _fits(self, req: BatchRequest) -> bool:
+        budget = self.limits.kv_cache_bytes
+        return budget is None or sum(self._kv_need(r) for r in self.running) + self._kv_need(req) <= budget
 
     def cancel(self, request: BatchRequest) -> None:
         """End ``request`` at the next step (its slot is freed; its result keeps what it produced,
@@ -255,36 +268,30 @@ class BatchScheduler:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def _admit(self, req: BatchRequest) -> None:
-        from .results import GenerationStats
-
         eng = self.engine
+        req.slot = self.cache.allocate()
         # The engine's drafter may hold a lone request not yet ended (suffix commits it to the
         # shared store at its next begin): end it now, so that no copy commits it again.
         eng.drafter.end()
-        req.drafter = copy.deepcopy(eng.drafter, dict(self._shared))
-        s = eng.seeded_sizing
-        req.sizing = FixedSizing(s.initial, adaptive=s.adaptive, maximum=s.maximum)
-        req.sizing.begin()
-        req.generator = None if req.params.greedy else make_generator(eng.target.device, req.params.seed)
-        req.slot = self.cache.allocate()
-        req.tokens = list(req.prompt_ids)
+        s = eng.seeded_sizing  # timing-free, so that a request's drafts do not depend on its neighbours'
+        sizing = FixedSizing(s.initial, adaptive=s.adaptive, maximum=s.maximum)
+        drafter = eng.drafter.fork(self.cache.view(req.slot))
+        req.state = Request(list(req.prompt_ids), req.params, req.max_new_tokens, drafter, sizing, eng.eos_ids)
+        req.state.begin(eng.target.device)
         req.output = OutputText(eng.tokenizer, req.stop, eng.eos_ids)
-        req.stats = GenerationStats(prompt_tokens=len(req.prompt_ids), verify=eng.verify.describe(), lossy=eng.verify.lossy)
-        req.drafter.begin(list(req.prompt_ids))
+        req.stats = GenerationStats(prompt_tokens=len(req.prompt_ids), verify=eng.verify.describe(), lossy=eng.lossy)
         req.status = "prefill" if len(req.prompt_ids) > 1 else "decode"
         req.t_start = time.perf_counter()
         self.running.append(req)
 
     def _finish(self, req: BatchRequest, reason: str) -> str:
         """Close ``req``: its result, its slot back. Returns the text released now."""
-        from .results import GenerationResult
-
         tail = req.output.close()
         req.drafter.end()  # e.g. suffix: the answer joins the shared store for later requests
         stats = req.stats
         stats.new_tokens = len(req.output.ids)
         stats.total_time = time.perf_counter() - req.t_start
-        stats.method = {**req.drafter.stats(), **req.sizing.stats(), "batched": True,
+        stats.method = {**req.drafter.stats(), **req.state.sizing.stats(), "batched": True,
                         "max_batch_tokens": self.max_batch_tokens, "max_num_seqs": self.max_num_seqs}  # fmt: skip
         req.result = GenerationResult(req.output.text, list(req.output.ids), list(req.prompt_ids), reason, stats)
         req.finish_reason = reason
@@ -304,7 +311,7 @@ class BatchScheduler:
         for req in [r for r in self.running if r.cancelled]:
             outputs.append(StepOutput(req, [], self._finish(req, "cancelled"), True))
         # Join: in submission order, while slots are free.
-        while self.waiting and self.cache.free_slots:
+        while self.waiting and self.cache.free_slots and self._fits(self.waiting[0]):
             self._admit(self.waiting.pop(0))
         if not self.running:
             return outputs
@@ -337,41 +344,28 @@ class BatchScheduler:
 
     def _admit_cancelled(self, req: BatchRequest, outputs: list[StepOutput]) -> None:
         """A request cancelled before it joined: an empty result."""
-        from .results import GenerationResult, GenerationStats
-
         stats = GenerationStats(prompt_tokens=len(req.prompt_ids))
         req.result = GenerationResult("", [], list(req.prompt_ids), "cancelled", stats)
         req.finish_reason, req.status = "cancelled", "done"
         outputs.append(StepOutput(req, [], "", True))
 
-    def _room(self, req: BatchRequest) -> int:
-        start = self.cache.lengths[req.slot]
-        return min(req.max_new_tokens - req.generated - 1, self.cache.max_length - start - 1)
-
     def _plan(self) -> list[_Plan]:
         budget = self.max_batch_tokens
         decoding = [r for r in self.running if r.status == "decode"]
         prefilling = [r for r in self.running if r.status == "prefill"]
-        plans = {r.id: _Plan(r, "decode", start=self.cache.lengths[r.slot]) for r in decoding}
-        draft_budget = max(0, budget - len(decoding))
-
         # Each decoding request proposes what its own sizing asks for (within its room).
-        for r in decoding:
-            p = plans[r.id]
-            room = self._room(r)
-            want = min(r.sizing.budget(p.start), room) if room > 0 else 0
-            t = time.perf_counter()
-            p.proposed = r.drafter.propose(r.tokens, want, r.params, r.generator).head(want) if want > 0 else Draft()
-            p.draft_seconds = time.perf_counter() - t
+        plans = {r.id: _Plan(r, "decode", step=r.state.plan(self.cache.lengths[r.slot], self.cache.max_length))
+                 for r in decoding}  # fmt: skip
         # Seeded sampling requests first, whole (their draft lengths must not depend on others).
         grants = {r.id: 0 for r in decoding}
-        left = draft_budget
+        left = max(0, budget - len(decoding))
         for r in decoding:
-            if r.seeded_sampling:
-                g = min(len(plans[r.id].proposed), left)
+            if r.state.seeded_sampling:
+                g = min(len(plans[r.id].step.draft), left)
                 grants[r.id], left = g, left - g
         # The rest, one node at a time, where the next node is most likely to be accepted.
-        path_probs = {r.id: r.acceptance.path_probabilities(plans[r.id].proposed) for r in decoding if not r.seeded_sampling}
+        path_probs = {r.id: r.state.acceptance.path_probabilities(plans[r.id].step.draft)
+                      for r in decoding if not r.state.seeded_sampling}  # fmt: skip
         heap = [(-probs[0], r_id) for r_id, probs in path_probs.items() if probs]
         heapq.heapify(heap)
         while left > 0 and heap:
@@ -382,7 +376,8 @@ class BatchScheduler:
             if grants[r_id] < len(probs):
                 heapq.heappush(heap, (-probs[grants[r_id]], r_id))
         for r in decoding:
-            plans[r.id].draft = plans[r.id].proposed.head(grants[r.id])
+            step = plans[r.id].step
+            step.draft = step.draft.head(grants[r.id])
         # Prefill, oldest request first, within its own allowance.
         prefill_budget = self.prefill_chunk
         out = list(plans.values())
@@ -399,44 +394,25 @@ class BatchScheduler:
         req = plan.request
         if plan.kind == "prefill":
             return Segment(req.slot, torch.tensor(plan.ids), logits=False)
-        draft = plan.draft
-        ids = torch.tensor([req.tokens[-1]] + draft.tokens)
-        if draft.is_chain:
-            return Segment(req.slot, ids)
-        positions = torch.tensor([0] + draft.depths()) + plan.start
-        return Segment(req.slot, ids, positions=positions, tree_mask=draft.tree_mask())
+        ids, positions, tree_mask = plan.step.block(req.state.tokens[-1])
+        return Segment(req.slot, ids, positions=positions, tree_mask=tree_mask)
 
     def _verify(self, plan: _Plan, logits: torch.Tensor, forward_seconds: float) -> StepOutput | None:
-        """As one step of ``decoding.decode`` (verification, cache, drafter, stop conditions) and of
-        ``Engine._generation`` (text, stop strings, statistics) for one request."""
-        req, draft, eng = plan.request, plan.draft, self.engine
-        t3 = time.perf_counter()
-        if req.params.greedy:
-            path, nxt = eng.verify.greedy(draft, logits)
-        else:
-            path, nxt = verify_sampling(draft, logits, req.params, req.generator)
-        self.cache.keep(req.slot, plan.start, [0] + [n + 1 for n in path])
-        req.drafter.observe(req.tokens[-1], draft, logits)
-        new = emitted_tokens(draft, path, nxt, eng.eos_ids, req.max_new_tokens - req.generated)
-        req.tokens.extend(new)
-        req.drafter.update(req.tokens, len(path), draft)
-        t4 = time.perf_counter()
-        draft_seconds = plan.draft_seconds + (t4 - t3)
-        req.sizing.record(StepRecord(plan.start, plan.proposed, draft, path, len(new), draft_seconds, forward_seconds))
-        reached, on_path, depths = {-1} | set(path), set(path), draft.depths()
-        for i, parent in enumerate(draft.parents):
-            if parent in reached:
-                conf = draft.confidence[i] if draft.confidence else None
-                req.acceptance.learn(conf, depths[i], i in on_path)
-        req.generated += len(new)
+        """The request's step settled (``Request.settle``, as a lone request's), then its text,
+        stop strings and statistics (as ``Engine._generation``)."""
+        req, eng = plan.request, self.engine
+        slot = req.slot
+        record = req.state.settle(plan.step, logits, eng.verify, lambda start, rows: self.cache.keep(slot, start, rows),
+                                  forward_seconds)  # fmt: skip
+        new = list(record.tokens)
         if not req.stats.first_token_time:
             req.stats.first_token_time = time.perf_counter() - req.t_start
         # Text and stop strings, as Engine._generation: the tokens after a stop string were never output.
         kept, piece = req.output.add(new)
-        req.stats.add(Step(tuple(kept), len(plan.proposed), len(draft), len(path), draft_seconds, forward_seconds))
+        req.stats.add(replace(record, tokens=tuple(kept)))
         if req.output.stopped:
             return StepOutput(req, kept, piece + self._finish(req, "stop"), True)
-        full = req.generated >= req.max_new_tokens or self.cache.lengths[req.slot] >= self.cache.max_length
+        full = req.state.stopped or self.cache.lengths[slot] >= self.cache.max_length
         if req.output.finish_reason == "stop" or full:  # an EOS ("stop"), or no room left ("length")
             return StepOutput(req, new, piece + self._finish(req, req.output.finish_reason), True)
         return StepOutput(req, new, piece, False)
@@ -467,8 +443,7 @@ def generate_batch(engine, prompts, *, max_num_seqs: int = 8, max_batch_tokens: 
         stops = per("stop", stop)  # one list per prompt
     else:
         stops = [stop] * n
-    scheduler = BatchScheduler(engine, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
-                               prefill_chunk=prefill_chunk)  # fmt: skip
+    scheduler = BatchScheduler(engine, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, prefill_chunk=prefill_chunk)
     handles = [
         scheduler.submit(p, stop=stops[i], **{name: col[i] for name, col in columns.items()})
         for i, p in enumerate(prompts)

@@ -10,7 +10,7 @@ and runs requests through them.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,9 @@ import torch
 
 from .backends import Backend
 from .backends.quant import QuantConfig
-from .decoding import Step, decode
+from .decoding import Request, Step, decode
 from .drafters import Drafter, VanillaDrafter, registry
-from .drafters.hybrid import HybridDrafter
+from . import checks
 from .errors import InvalidArgument
 from .loading import eos_token_ids, load_draft_model, load_target
 from .results import GenerationResult, GenerationStats, GenerationStream
@@ -40,15 +40,15 @@ __all__ = [
 ]  # fmt: skip
 
 
+# Choices among methods rather than methods (``auto``): name -> a builder of the engine that
+# chooses, ``builder(engine, draft_model=, sizing=, progress=, draft_quant=, verify=, **options)``.
+# Registered by their own modules (auto.py), which build on this one: no import back.
+CHOOSERS: dict[str, Callable[..., "Engine"]] = {}
+
+
 def _check_method(method: str, draft_model) -> None:
-    if method != "auto":  # auto's arms are checked when they are built
+    if method not in CHOOSERS:  # auto's arms are checked when they are built
         registry.check_draft_model(method, draft_model)
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidArgument(name, f"expected a positive integer, got {value!r}")
-    return value
 
 
 class Engine:
@@ -137,39 +137,21 @@ class Engine:
         the weights). Engines sharing a target must not generate at the same time.
         ``draft_quant`` ("int4", "int4-g128", "int8"): the sps draft model's linears quantized."""
         _check_method(method, draft_model)
-        if method == "auto":
-            return self._auto(draft_model=draft_model, sizing=sizing, progress=progress, draft_quant=draft_quant,
-                              verify=verify, **method_options)  # fmt: skip
-        parts = [m.name for m in registry.components(method)]
-        if len(parts) > 1 and method_options:
-            raise InvalidArgument("method_options", f"hybrid {method!r}: options go to its methods one at a time; "
-                                  "none are taken here")  # fmt: skip
-        rule = VerifyRule.parse(verify, method_options)
+        if method in CHOOSERS:
+            return CHOOSERS[method](self, draft_model=draft_model, sizing=sizing, progress=progress,
+                                    draft_quant=draft_quant, verify=verify, **method_options)  # fmt: skip
+        spec = registry.parse(method, method_options, verify)
         registry.check_draft_quant(method, draft_quant)
 
-        built = {} if _shared is None else _shared  # auto's arms share drafters (one quantized copy)
+        def draft_model_loader():
+            return load_draft_model(
+                draft_model, target=self.target, tokenizer=self.tokenizer, target_path=self.model_path,
+                backend=self.backend_name, draft_quant=draft_quant, progress=progress,
+            )  # fmt: skip
 
-        def build(name: str) -> Drafter:
-            if name in built:
-                return built[name]
-            known = registry.REGISTRY[name]
-            if known.draft_model:
-                draft = load_draft_model(
-                    draft_model, target=self.target, tokenizer=self.tokenizer, target_path=self.model_path,
-                    backend=self.backend_name, draft_quant=draft_quant, progress=progress,
-                )  # fmt: skip
-                return known.drafter(draft, **method_options)
-            options = dict(method_options)
-            if known.reads_text:
-                options.setdefault("tokenizer", self.tokenizer)  # e.g. to read a corpus
-            return known.drafter.create(self.target, **options)
-
-        try:
-            drafters = [build(name) for name in parts]
-        except TypeError as e:  # an option the method does not take
-            raise InvalidArgument("method_options", f"method {method!r}: {e}") from None
-        built.update(zip(parts, drafters))
-        drafter: Drafter = drafters[0] if len(drafters) == 1 else HybridDrafter(*drafters)
+        context = registry.BuildContext(self.target, self.tokenizer, draft_model_loader)
+        drafter = registry.build(spec, context, _shared)  # auto's arms share drafters (one quantized copy)
+        rule = spec.rule
         engine = Engine(
             self.target, self.tokenizer, drafter, draft_length=draft_length, adaptive=adaptive, sizing=sizing,
             model_name=self.model_name, eos_ids=self.eos_ids, verify=rule,
@@ -177,33 +159,11 @@ class Engine:
         engine.model_path, engine.backend_name = self.model_path, self.backend_name
         return engine
 
-    def _auto(self, *, draft_model, sizing, progress, draft_quant, verify, arms=None, window: int = 6,
-              explore_every: int = 8, **others) -> "Engine":
-        """``auto``: an engine that runs each request on the arm that has decoded fastest (auto.py)."""
-        from .auto import AutoEngine, ArmChooser, parse_arms
-
-        if others:
-            raise InvalidArgument("method_options", f"auto takes arms, window and explore_every, not {', '.join(others)}")
-        explicit = arms is not None
-        names = parse_arms(arms, draft_model is not None)
-        if not explicit and not self.target.supports_self_draft:  # default arms with quant need the native backend
-            names = [n for n in names if not registry.needs(n, "self_drafting")] or ["pld"]
-        for name in names:
-            if registry.needs(name, "draft_model") and draft_model is None:
-                raise InvalidArgument("draft_model", f"auto's arm {name!r} needs a draft model")
-        if draft_model is not None and not any(registry.needs(n, "draft_model") for n in names):
-            raise InvalidArgument("draft_model", f"none of auto's arms ({', '.join(names)}) uses a draft model")
-        chooser = ArmChooser(names, window=window, explore_every=explore_every)
-        shared: dict[str, Drafter] = {}
-
-        def arm(name: str) -> Engine:
-            uses = registry.needs(name, "draft_model")
-            return self.with_method(
-                name, draft_model=draft_model if uses else None, sizing=sizing, progress=progress,
-                draft_quant=draft_quant if uses else None, verify=verify, _shared=shared,
-            )  # fmt: skip
-
-        return AutoEngine(self, {name: arm(name) for name in names}, chooser)
+    @property
+    def lossy(self) -> bool:
+        """Whether outputs may differ from the target's own: a lossy acceptance rule (SpecDec's,
+        opt-in) or a drafting method the registry does not declare lossless."""
+        return self.verify.lossy or not self.drafter.lossless
 
     # ---- input --------------------------------------------------------------------------------
     def encode(self, prompt: str | list[dict] | list[int], *, tokenizer=None) -> list[int]:
@@ -251,10 +211,11 @@ class Engine:
         """Text pieces as the loop's steps arrive (stop strings applied); returns the result,
         its statistics folded from the loop's records."""
         sizing = self._sizing_for(params)
-        stats = GenerationStats(prompt_tokens=len(prompt_ids), verify=self.verify.describe(), lossy=self.verify.lossy)
+        stats = GenerationStats(prompt_tokens=len(prompt_ids), verify=self.verify.describe(), lossy=self.lossy)
         out = OutputText(self.tokenizer, stop, self.eos_ids)
         t0 = time.perf_counter()
-        for record in decode(self.target, self.drafter, sizing, self.verify, self.eos_ids, prompt_ids, max_new_tokens, params):
+        request = Request(list(prompt_ids), params, max_new_tokens, self.drafter, sizing, self.eos_ids)
+        for record in decode(self.target, request, self.verify):
             piece = ""
             if isinstance(record, Step):
                 if not stats.first_token_time:
@@ -275,8 +236,10 @@ class Engine:
         stats.method = {**self.drafter.stats(), **sizing.stats()}
         return GenerationResult(out.text, out.ids, list(prompt_ids), out.finish_reason, stats)
 
-    def _prepare(self, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop):
-        _check_positive_int("max_new_tokens", max_new_tokens)
+    def prepare(self, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop) -> tuple[list[int], SamplingParams, list[str]]:
+        """A request's arguments checked once: (prompt ids, sampling parameters, stop strings).
+        InvalidArgument names the argument at fault."""
+        checks.integer("max_new_tokens", max_new_tokens)
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         if self.verify.lossy and not params.greedy:
             raise InvalidArgument("temperature", f"verify={self.verify.describe()} is a greedy acceptance rule; use temperature 0")
@@ -302,7 +265,7 @@ class Engine:
 
         Arguments are checked now, before the first piece is asked for.
         """
-        ids, params, stops = self._prepare(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop)
+        ids, params, stops = self.prepare(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop)
         return GenerationStream(self._generation(ids, max_new_tokens, params, stops))
 
     def generate(
@@ -323,14 +286,15 @@ class Engine:
         return s.result
 
     # ---- batched generation (batching.py) ----------------------------------------------------
-    def batch(self, *, max_num_seqs: int = 8, max_batch_tokens: int | None = None, prefill_chunk: int | None = None):
-        """A continuous-batching scheduler over this engine's target and method (native backend,
-        model-free methods): ``submit(prompt, ...)`` -> handle, ``step()``, ``cancel(handle)``.
-        Each request's output is what ``generate`` gives it alone (see batching.py)."""
+    def batch(self, limits=None, **settings):
+        """A continuous-batching scheduler over this engine's target and method (native backend):
+        ``submit(prompt, ...)`` -> handle, ``step()``, ``cancel(handle)``. ``limits``: a
+        ``batching.BatchLimits``, or its fields as keywords (``max_num_seqs=8``,
+        ``max_batch_tokens``, ``prefill_chunk``, ``kv_cache_bytes``). Each request's output is
+        what ``generate`` gives it alone (see batching.py)."""
         from .batching import BatchScheduler
 
-        return BatchScheduler(self, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
-                              prefill_chunk=prefill_chunk)  # fmt: skip
+        return BatchScheduler(self, limits, **settings)
 
     def generate_batch(
         self,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InvalidArgument
+from .checks import integer
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,7 @@ class SamplingParams:
             raise InvalidArgument("temperature", f"expected a finite number >= 0 (0 = greedy), got {t!r}")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
             raise InvalidArgument("top_p", f"expected a number in (0, 1], got {p!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise InvalidArgument("top_k", f"expected an integer >= 0 (0 = off), got {k!r}")
+        integer("top_k", k, 0, "0 = off")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise InvalidArgument("seed", f"expected an integer or None, got {self.seed!r}")
 

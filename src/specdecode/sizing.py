@@ -29,6 +29,7 @@ from .draft import Draft
 from .drafters.base import VanillaDrafter
 from .drafters.payoff import DraftingPayoff
 from .errors import InvalidArgument
+from .checks import integer
 
 SIZINGS = ("payoff", "adaptive", "fixed")
 PROBE_INTERVAL = 16  # every this many steps, a draft is tried even where it seems not to pay
@@ -54,8 +55,7 @@ class FixedSizing:
     1 otherwise, within [1, maximum]. Verify all of it."""
 
     def __init__(self, initial: int, adaptive: bool = False, maximum: int = 16):
-        if isinstance(initial, bool) or not isinstance(initial, int) or initial < 0:
-            raise InvalidArgument("draft_length", f"expected an integer >= 0, got {initial!r}")
+        integer("draft_length", initial, 0)
         self.initial, self.adaptive, self.maximum = initial, adaptive, max(maximum, initial)
         self.current = initial
         self.name = "adaptive" if adaptive else "fixed"
@@ -132,8 +132,7 @@ class AcceptanceModel:
 class PayoffSizing:
     def __init__(self, cost: CostModel | None = None, *, maximum: int = 16, probe_draft: int = 4,
                  cost_factory=None):  # fmt: skip
-        if isinstance(maximum, bool) or not isinstance(maximum, int) or maximum < 1:
-            raise InvalidArgument("max_draft_length", f"expected a positive integer, got {maximum!r}")
+        integer("max_draft_length", maximum)
         self._cost = cost
         self._cost_factory = cost_factory  # measured on first use (vanilla never needs it)
         self.maximum = maximum

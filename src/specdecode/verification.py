@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .draft import Draft, verify_greedy, verify_specdec
+from .draft import Draft, verify_greedy, verify_sampling, verify_specdec
 from .errors import InvalidArgument
+from .checks import integer
+from .sampling import SamplingParams
 
 RULES = ("exact", "specdec")
 
@@ -40,8 +42,7 @@ class VerifyRule:
                     raise InvalidArgument(name, "only verify='specdec' takes beta and tau")
             return cls()
         beta, tau = options.pop("beta", 3), options.pop("tau", 1.0)
-        if isinstance(beta, bool) or not isinstance(beta, int) or beta < 1:
-            raise InvalidArgument("beta", f"expected an integer >= 1 (how many of the target's top tokens may be accepted), got {beta!r}")
+        integer("beta", beta, 1, "how many of the target's top tokens may be accepted")
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau < float("inf"):
             raise InvalidArgument("tau", f"expected a finite number >= 0 (log-probability margin), got {tau!r}")
         return cls("specdec", beta, float(tau))
@@ -61,3 +62,14 @@ class VerifyRule:
         if not self.lossy:
             return verify_greedy(draft, logits)
         return verify_specdec(draft, logits, self.beta, self.tau)
+
+    def verify(self, draft: Draft, logits: torch.Tensor, params: SamplingParams,
+               generator: torch.Generator | None) -> tuple[list[int], int]:  # fmt: skip
+        """The verdict on ``draft``: (accepted node indices along the path, the target's next
+        token). Greedy requests go through this rule; sampling through lossless speculative
+        sampling, which only an exact rule allows (a lossy rule refuses sampling requests when
+        they are made)."""
+        if params.greedy:
+            return self.greedy(draft, logits)
+        return verify_sampling(draft, logits, params, generator)
+

@@ -11,7 +11,7 @@ not copied); only the caches are new.
 Exactness. A segment is computed as ``NativeBackend.forward`` computes the same block alone:
 
 * segments of up to ``ROWWISE_MAX_BLOCK`` tokens (decoding steps, verification blocks, short
-  prefill chunks) attend row by row (``native._attention_rowwise``), and their rows go through
+  prefill chunks) attend row by row (``kernels.attention_rowwise``), and their rows go through
   the linears together, cut into chunks the row-invariance check vouched for (``max_rows``
   rows, short chunks padded to ``pad_rows``). Where that check made a linear exact (bf16 on
   CPU), a row's output is bit for bit what the lone forward gives it, whatever its neighbours;
@@ -30,8 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgument
+from ..checks import integer
 from .invariance import ROWWISE_MAX_BLOCK
-from .native import NativeBackend, _attention, _attention_rowwise, _rms_norm, _rotate, _row_plans
+from .kernels import attention, attention_mask, attention_rowwise, rms_norm, rotate, row_plans
+from .native import NativeBackend
 
 
 @dataclass
@@ -60,21 +62,24 @@ class BatchedCache:
                 "backend", f"batched generation runs on the native backend; this engine's target is {name!r} "
                 "(load the model with backend='native'; the hf backend decodes one sequence at a time)"
             )  # fmt: skip
-        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
-            raise InvalidArgument("max_num_seqs", f"expected a positive integer, got {num_slots!r}")
+        integer("max_num_seqs", num_slots)
         self.target = target
-        cfg = target.config
         self.device, self.dtype, self.vocab_size = target.device, target.dtype, target.vocab_size
         self.max_length = min(max_length or target.max_length, target.max_length)
         self.num_slots = num_slots
-        shape = (num_slots, cfg.num_layers, cfg.num_kv_heads, self.max_length, cfg.head_dim)
-        # Uninitialised: a slot's rows are read only after they are written (lengths say how
-        # many), and zeroing every slot's whole context (1.5 GB for SmolLM2 at 8 slots) took
-        # seconds of page faults before the first request.
-        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.lengths = [0] * num_slots
+        # A KV cache per slot, each grown as its sequence lengthens and given back when the
+        # slot is released: nothing is held for positions no request reached.
+        self.caches = [target.new_cache(self.max_length) for _ in range(num_slots)]
         self._free = list(range(num_slots - 1, -1, -1))
+
+    @property
+    def lengths(self) -> list[int]:
+        return [c.length for c in self.caches]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the slots' caches hold now."""
+        return sum(c.nbytes for c in self.caches)
 
     # ---- slots --------------------------------------------------------------------------------
     @property
@@ -85,31 +90,32 @@ class BatchedCache:
         if not self._free:
             raise RuntimeError("no free slot")
         slot = self._free.pop()
-        self.lengths[slot] = 0
+        self.caches[slot].length = 0
         return slot
 
     def release(self, slot: int) -> None:
         if slot in self._free:
             raise RuntimeError(f"slot {slot} is not in use")
-        self.lengths[slot] = 0
+        self.caches[slot].release()
         self._free.append(slot)
 
     def truncate(self, slot: int, length: int) -> None:
-        if not 0 <= length <= self.lengths[slot]:
-            raise ValueError(f"cannot truncate slot {slot} of {self.lengths[slot]} tokens to {length}")
-        self.lengths[slot] = length
+        if not 0 <= length <= self.caches[slot].length:
+            raise ValueError(f"cannot truncate slot {slot} of {self.caches[slot].length} tokens to {length}")
+        self.caches[slot].length = length
 
     def keep(self, slot: int, start: int, rows: list[int]) -> None:
         """As ``Backend.keep``, for one slot: block rows ``rows`` (offsets from ``start``) become
         the tokens right after ``start``."""
-        if start + (max(rows) + 1 if rows else 0) > self.lengths[slot]:
-            raise ValueError(f"slot {slot} holds {self.lengths[slot]} tokens; cannot keep rows {rows} after {start}")
-        if rows != list(range(len(rows))):
-            src = torch.tensor(rows, device=self.device) + start
-            dst = slice(start, start + len(rows))
-            self.k_cache[slot, :, :, dst] = self.k_cache[slot, :, :, src]
-            self.v_cache[slot, :, :, dst] = self.v_cache[slot, :, :, src]
-        self.lengths[slot] = start + len(rows)
+        cache = self.caches[slot]
+        if start + (max(rows) + 1 if rows else 0) > cache.length:
+            raise ValueError(f"slot {slot} holds {cache.length} tokens; cannot keep rows {rows} after {start}")
+        cache.keep(start, rows)
+
+    def view(self, slot: int) -> NativeBackend:
+        """The target over ``slot``'s cache alone: a one-sequence backend for a drafter that
+        drafts through the target (quant, swift) on a request's own tokens."""
+        return self.target.with_cache(self.caches[slot])
 
     # ---- forward ------------------------------------------------------------------------------
     @staticmethod
@@ -154,6 +160,8 @@ class BatchedCache:
                 raise ValueError(f"slot {s.slot}: empty segment")
             if start + n > self.max_length:
                 raise ValueError(f"context overflow in slot {s.slot}: {start} cached + {n} new > {self.max_length} tokens")
+        for s, n, start in zip(segments, sizes, starts):
+            self.caches[s.slot].reserve(start + n)
         bounds, a = [], 0
         for n in sizes:
             bounds.append((a, a + n))
@@ -182,35 +190,35 @@ class BatchedCache:
 
         x = F.embedding(ids, target.embed)  # [N, D]
         for i, layer in enumerate(target.layers):
-            h = _rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+            h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
             qkv = self._linear(layer.qkv, h, groups)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = _rotate(q.view(total, H, hd).transpose(0, 1), cos, sin)
-            k = _rotate(k.view(total, KV, hd).transpose(0, 1), cos, sin)
+            q = rotate(q.view(total, H, hd).transpose(0, 1), cos, sin)
+            k = rotate(k.view(total, KV, hd).transpose(0, 1), cos, sin)
             v = v.view(total, KV, hd).transpose(0, 1)
             window = cfg.sliding_windows[i]
             attn = torch.empty(H, total, hd, dtype=q.dtype, device=q.device)
             for j, seg in enumerate(segments):
                 lo, hi = bounds[j]
                 start, end = starts[j], starts[j] + sizes[j]
-                kc, vc = self.k_cache[seg.slot, i], self.v_cache[seg.slot, i]
+                kc, vc = self.caches[seg.slot].k[i], self.caches[seg.slot].v[i]
                 kc[:, start:end] = k[:, lo:hi]
                 vc[:, start:end] = v[:, lo:hi]
                 keys, values = kc[:, :end], vc[:, :end]
                 if rowwise[j]:
                     if (j, window) not in plans:
-                        plans[(j, window)] = _row_plans(start, sizes[j], pos_lists[j], seg.tree_mask, window)
-                    attn[:, lo:hi] = _attention_rowwise(q[:, lo:hi], keys, values, plans[(j, window)], scale)
+                        plans[(j, window)] = row_plans(start, sizes[j], pos_lists[j], seg.tree_mask, window)
+                    attn[:, lo:hi] = attention_rowwise(q[:, lo:hi], keys, values, plans[(j, window)], scale)
                 else:
                     if (j, window) not in masks:
-                        masks[(j, window)] = target._mask(start, sizes[j], positions[j], seg.tree_mask, window, start)
-                    attn[:, lo:hi] = _attention(q[:, lo:hi], keys, values, masks[(j, window)], scale)
+                        masks[(j, window)] = attention_mask(start, sizes[j], positions[j], seg.tree_mask, window, start, self.device)
+                    attn[:, lo:hi] = attention(q[:, lo:hi], keys, values, masks[(j, window)], scale)
             x = x + self._linear(layer.o, attn.transpose(0, 1).reshape(total, q_size), groups)
-            h = _rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
+            h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
             gate, up = self._linear(layer.gate_up, h, groups).chunk(2, dim=-1)
             x = x + self._linear(layer.down, F.silu(gate) * up, groups)
         for seg, n, start in zip(segments, sizes, starts):
-            self.lengths[seg.slot] = start + n
+            self.caches[seg.slot].length = start + n
 
         # Logits: rows of short segments together in invariant chunks, long ones on their own.
         wanted = [j for j, s in enumerate(segments) if s.logits]
@@ -218,7 +226,7 @@ class BatchedCache:
         if not wanted:
             return out
         rows = [r for j in wanted for r in range(*bounds[j])]
-        xs = _rms_norm(x[rows], target.norm, cfg.rms_norm_eps)
+        xs = rms_norm(x[rows], target.norm, cfg.rms_norm_eps)
         lg_groups: list[tuple[list[int] | slice, bool]] = []
         offset, rw = 0, []
         local: dict[int, tuple[int, int]] = {}

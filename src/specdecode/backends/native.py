@@ -1,317 +1,136 @@
 """Our own compact implementation of the Llama family (Llama 1/2/3, Mistral, Qwen2, SmolLM).
 
 Why our own: the decoding loop needs things a generic model API makes slow or impossible — a
-preallocated KV cache where rolling back a rejected draft is moving a pointer, explicit positions
-and an arbitrary attention mask over the block (tree drafts), logits only for the rows asked for,
-and skipping any attention or MLP sub-layer (self-speculative drafting). The math follows
+KV cache where rolling back a rejected draft is moving a pointer, explicit positions and an
+arbitrary attention mask over the block (tree drafts), logits only for the rows asked for, and
+skipping any attention or MLP sub-layer (self-speculative drafting). The math follows
 transformers' implementation step for step, so logits agree with it (tested in float32).
 
-Loads a Hugging Face folder directly: config.json + *.safetensors (sharded or not).
+The parts: ``config.py`` reads config.json, ``kernels.py`` holds the math (norms, rotary,
+attention, the packed linear), ``kv_cache.py`` the cache that grows with the sequence; this
+module loads the weights and runs the forward.
+
+Loads a Hugging Face folder directly: config.json + *.safetensors (sharded or not), one decoder
+layer at a time from the memory-mapped files, so that loading peaks near the final footprint:
+each layer's tensors are read, fused (q/k/v, gate/up), packed, and the plain copies dropped
+before the next layer is read.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
-import json
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from ..errors import ModelLoadError, UnsupportedModel
+from ..errors import ModelLoadError
 from . import invariance
 from .base import Backend, SkipSet
+from .config import NativeConfig
 from .invariance import ROWWISE_MAX_BLOCK
-
-# model_type -> whether q/k/v projections carry a bias regardless of `attention_bias`
-SUPPORTED_MODEL_TYPES = {"llama": False, "mistral": False, "qwen2": True}
-STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
+from .kernels import Linear, attention, attention_mask, attention_rowwise, can_pack, rms_norm, rotate, row_plans
+from .kv_cache import KVCache
 
 
-@dataclass
-class NativeConfig:
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    sliding_windows: list[int | None]  # per layer; None = full attention
-    inv_freq: torch.Tensor
-    rope_attention_scaling: float
-    torch_dtype: torch.dtype | None
+class SafetensorsFolder:
+    """A model folder's tensors by name, read on demand.
 
-    @classmethod
-    def from_folder(cls, path: Path) -> "NativeConfig":
-        try:
-            raw = json.loads((path / "config.json").read_text())
-        except FileNotFoundError:
-            raise ModelLoadError(f"model folder {str(path)!r} has no config.json") from None
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{path / 'config.json'} is not valid JSON: {e}") from None
-        model_type = raw.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModel(
-                f"the native backend supports model types {sorted(SUPPORTED_MODEL_TYPES)}, "
-                f"not {model_type!r} (use backend='hf')"
-            )
-        from transformers import AutoConfig
+    Each read opens the file that holds the tensor (memory-mapped), copies the tensor out and
+    closes the file: a mapping left alive would keep every page read through it resident, so
+    that the weights would count twice."""
 
-        try:
-            hf = AutoConfig.from_pretrained(str(path))
-        except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-            raise ModelLoadError(f"cannot read {path / 'config.json'}: {e}") from None
-        rope = dict(getattr(hf, "rope_parameters", None) or {})
-        rope_type = rope.get("rope_type", "default")
-        if rope_type not in STATIC_ROPE_TYPES:
-            raise UnsupportedModel(
-                f"the native backend supports RoPE types {sorted(STATIC_ROPE_TYPES)}, "
-                f"not {rope_type!r} (use backend='hf')"
-            )
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        if rope_type == "default":
-            base = rope["rope_theta"]
-            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-            scaling = 1.0
-        else:
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    def __init__(self, path: Path):
+        self.path = path
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"model folder {str(path)!r} has no *.safetensors weights")
+        self.where: dict[str, Path] = {}
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    for name in st.keys():
+                        self.where[name] = f
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                raise ModelLoadError(f"cannot read weights {f}: {e}") from None
 
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"))
-        layer_types = getattr(hf, "layer_types", None) or ["full_attention"] * hf.num_hidden_layers
-        window = getattr(hf, "sliding_window", None)
-        if model_type == "mistral":
-            windows = [window] * hf.num_hidden_layers
-        else:
-            windows = [window if t == "sliding_attention" else None for t in layer_types]
-        attention_bias = bool(getattr(hf, "attention_bias", False))
-        dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype, None)
-        return cls(
-            model_type=model_type,
-            vocab_size=hf.vocab_size,
-            hidden_size=hf.hidden_size,
-            intermediate_size=hf.intermediate_size,
-            num_layers=hf.num_hidden_layers,
-            num_heads=hf.num_attention_heads,
-            num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
-            head_dim=head_dim,
-            rms_norm_eps=hf.rms_norm_eps,
-            max_position_embeddings=hf.max_position_embeddings,
-            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            qkv_bias=SUPPORTED_MODEL_TYPES[model_type] or attention_bias,
-            o_bias=attention_bias and model_type == "llama",
-            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-            sliding_windows=windows,
-            inv_freq=inv_freq.float(),
-            rope_attention_scaling=float(scaling),
-            torch_dtype=dtype if isinstance(dtype, torch.dtype) else None,
-        )
+    def names(self, prefix: str = "") -> list[str]:
+        return [n for n in self.where if n.startswith(prefix)]
+
+    def read(self, names: list[str], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The named tensors, cast to ``dtype`` on ``device``."""
+        missing = [n for n in names if n not in self.where]
+        if missing:
+            raise ModelLoadError(f"weights in {str(self.path)!r} lack tensor {missing[0]!r}")
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.where[n], []).append(n)
+        for f, group in by_file.items():
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    for n in group:
+                        # A copy of our own: a tensor read from the file can be a view of its
+                        # memory map, which would keep the whole file mapped (and every page
+                        # read through it resident) for as long as the model lives.
+                        out[n] = st.get_tensor(n).to(device, dtype, copy=True)
+            except Exception as e:  # noqa: BLE001
+                raise ModelLoadError(f"cannot read weights {f}: {e}") from None
+        return out
+
+    def reader(self, names: list[str], device: torch.device, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+        """A function that reads ``names`` again and joins them along the output dimension (a
+        fused linear's plain weight, for ``Linear.source``)."""
+        return lambda: torch.cat(list(self.read(names, device, dtype).values()))
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # As transformers: normalise in float32, cast back, then scale.
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+def return_freed_memory() -> None:
+    """Hand the heap memory freed by a load's temporaries back to the system (glibc keeps it for
+    reuse otherwise: ~0.7 GB after building Qwen2.5-1.5B's int4 copy, counted in the process's
+    RSS for its whole life). A no-op where the C library has no ``malloc_trim``."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Attention of q [H, T, hd] over k, v [KV, L, hd] (grouped-query), in float32, one matmul
-    for the whole block: for long blocks (prefill) and scoring, where exactness per row is not
-    needed."""
-    heads, n, hd = q.shape
-    kv = k.shape[0]
-    qf = q.float().reshape(kv, heads // kv * n, hd)
-    scores = torch.matmul(qf, k.float().transpose(1, 2)).mul_(scale)  # [KV, G*T, L]
-    if mask is not None:
-        scores = scores.view(kv, heads // kv, n, -1).masked_fill_(~mask, float("-inf")).view(kv, -1, mask.shape[-1])
-    out = torch.matmul(scores.softmax(dim=-1), v.float())  # [KV, G*T, hd]
-    return out.view(heads, n, hd).to(q.dtype)
+FUSED = {  # a fused linear -> the checkpoint's tensors, in order
+    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o": ("self_attn.o_proj",),
+    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+    "down": ("mlp.down_proj",),
+}
 
 
-def _row_plans(
-    start: int, n: int, positions: list[int], tree_mask: torch.Tensor | None, window: int | None
-) -> list[tuple]:
-    """For each block row, the cache slots it attends to, in order:
-
-    ("range", lo, hi)            slots lo .. hi-1 (a decoding step; a chain; a tree's spine)
-    ("prefix_self", lo, hi, r)   slots lo .. hi-1, then the row's own slot r (a tree leaf whose
-                                 ancestors are the first rows of the block)
-    ("index", slots)             anything else, gathered
-    """
-    plans: list[tuple] = []
-    tm = tree_mask.to("cpu", torch.bool).tolist() if tree_mask is not None else None
-    for t in range(n):
-        p = positions[t]
-        lo = 0 if window is None else max(0, p - window + 1)
-        if tm is None:  # a chain: positions are slots
-            plans.append(("range", lo, start + t + 1))
-            continue
-        anc = [j for j in range(t) if tm[t][j]]
-        if lo == 0 and anc == list(range(len(anc))):
-            if t == len(anc):
-                plans.append(("range", 0, start + t + 1))
-            else:
-                plans.append(("prefix_self", 0, start + len(anc), start + t))
-            continue
-        seen = [j for j in anc + [t] if window is None or p - positions[j] < window]
-        plans.append(("index", list(range(lo, start)) + [start + j for j in seen]))
-    # A leaf's trick overwrites the slot just after its prefix; that slot must hold a row that
-    # is itself a plain range (never another leaf's own key).
-    leaves = {plan[3] for plan in plans if plan[0] == "prefix_self"}
-    for t, plan in enumerate(plans):
-        if plan[0] == "prefix_self" and plan[2] in leaves:
-            plans[t] = ("index", list(range(plan[1], plan[2])) + [plan[3]])
-    return plans
-
-
-def _attention_rowwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plans: list[tuple], scale: float) -> torch.Tensor:
-    """Attention of q [H, T, hd] over the cache k, v [KV, L, hd], one row at a time.
-
-    Each row is computed exactly as when its token is decoded alone: the same matmul shapes
-    over the same keys in the same order. So a token's output in a verification block is bit
-    for bit what plain decoding gives, even in bf16 (a batched matmul's reduction order depends
-    on how many rows share it); speculative decoding then repeats plain decoding exactly.
-    """
-    heads, n, hd = q.shape
-    kv = k.shape[0]
-    qf = q.float()
-    leaves = [t for t, plan in enumerate(plans) if plan[0] == "prefix_self"]
-    # Float32 copies, private ones when the leaf trick below edits them (in a float32 model
-    # .float() would return the cache itself).
-    kf, vf = k.to(torch.float32, copy=bool(leaves)), v.to(torch.float32, copy=bool(leaves))
-    out = torch.empty(heads, n, hd, dtype=torch.float32, device=q.device)
-
-    def attend(t: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        scores = torch.matmul(qf[:, t].reshape(kv, heads // kv, hd), keys.transpose(1, 2)).mul_(scale)
-        out[:, t] = torch.matmul(scores.softmax(dim=-1), values).reshape(heads, hd)
-
-    for t, plan in enumerate(plans):
-        if plan[0] == "range":
-            attend(t, kf[:, plan[1] : plan[2]], vf[:, plan[1] : plan[2]])
-        elif plan[0] == "index":
-            idx = torch.tensor(plan[1], device=q.device)
-            attend(t, kf[:, idx], vf[:, idx])
-    # Leaves last, deepest first: each puts its own key/value right after its prefix (a slot no
-    # later row reads) and attends to one contiguous run, as plain decoding would.
-    for t in sorted(leaves, key=lambda t: -plans[t][2]):
-        _, lo, hi, own = plans[t]
-        kf[:, hi], vf[:, hi] = kf[:, own], vf[:, own]
-        attend(t, kf[:, lo : hi + 1], vf[:, lo : hi + 1])
-    return out.to(q.dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-def _can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-
-
-class _Linear:
-    """y = x W^T + b.
-
-    On CPU in bf16 the weight is pre-packed once into oneDNN's blocked layout: decoding's
-    products of 1-16 rows read it at ~1.7x the bandwidth of F.linear's plain layout.
-
-    Row invariance: a token's output must not depend on how many tokens share the product, or
-    speculative decoding would drift from plain decoding by rounding. Blocks of up to
-    ROWWISE_MAX_BLOCK rows are cut into chunks of ``max_rows`` and shorter ones (a decoding
-    step's single row) padded to ``pad_rows``, both set from a load-time check of the kernel
-    (see ``invariance.py``).
-    """
-
-    kernel = "torch"
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool):
-        self.bias = bias
-        self.packed = pack
-        self.shape = tuple(weight.shape)
-        self.source = weight  # the plain weight, for the invariance check's fingerprint
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if pack else weight
-        if pack:
-            self.kernel = "onednn-packed"
-        self.max_rows = ROWWISE_MAX_BLOCK  # until checked
-        self.pad_rows = 1
-        self.captured: list[torch.Tensor] | None = None  # inputs seen, while calibrating
-
-    def _apply(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-    def check_rows(self, name: str, activations: torch.Tensor | None = None) -> invariance.RowCheck:
-        result = invariance.check_linear(
-            self._apply, self.source, name=name, kernel=self.kernel, dtype=self.source.dtype,
-            activations=activations,
-        )  # fmt: skip
-        self.pad_rows, self.max_rows = result.pad_rows, result.chunk_rows
-        return result
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.captured is not None:
-            self.captured.append(x.detach())
-        n = x.shape[0]
-        if n > ROWWISE_MAX_BLOCK or self.pad_rows <= n <= self.max_rows:  # prefill needs no invariance
-            return self._apply(x)
-        out = []
-        for chunk in x.split(self.max_rows):
-            k = chunk.shape[0]
-            if k < self.pad_rows:  # copies of its last row: the kernel path the check vouched for
-                chunk = torch.cat([chunk, chunk[-1:].expand(self.pad_rows - k, -1)])
-            out.append(self._apply(chunk)[:k])
-        return torch.cat(out)
-
-
-class _Layer:
+class Layer:
     """Weights of one decoder layer. q/k/v and gate/up are fused: one matmul each."""
 
-    def __init__(self, t: dict[str, torch.Tensor], cfg: NativeConfig, pack: bool):
-        self.attn_norm = t["input_layernorm.weight"]
-        self.mlp_norm = t["post_attention_layernorm.weight"]
-        self.qkv = _Linear(
-            torch.cat([t[f"self_attn.{n}_proj.weight"] for n in "qkv"]),
-            torch.cat([t[f"self_attn.{n}_proj.bias"] for n in "qkv"]) if cfg.qkv_bias else None,
-            pack,
-        )
-        self.o = _Linear(t["self_attn.o_proj.weight"], t["self_attn.o_proj.bias"] if cfg.o_bias else None, pack)
-        self.gate_up = _Linear(
-            torch.cat([t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"]]),
-            torch.cat([t["mlp.gate_proj.bias"], t["mlp.up_proj.bias"]]) if cfg.mlp_bias else None,
-            pack,
-        )
-        self.down = _Linear(t["mlp.down_proj.weight"], t["mlp.down_proj.bias"] if cfg.mlp_bias else None, pack)
+    def __init__(self, attn_norm: torch.Tensor, mlp_norm: torch.Tensor, linears: dict[str, Linear]):
+        self.attn_norm, self.mlp_norm = attn_norm, mlp_norm
+        self.qkv, self.o, self.gate_up, self.down = (linears[r] for r in FUSED)
 
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"model folder {str(path)!r} has no *.safetensors weights")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():
-                    tensors[k] = st.get_tensor(k)
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise ModelLoadError(f"cannot read weights {f}: {e}") from None
-    return tensors
+    @classmethod
+    def load(cls, folder: SafetensorsFolder, index: int, cfg: NativeConfig, *, device, dtype, pack: bool) -> "Layer":
+        prefix = f"model.layers.{index}."
+        biases = {"qkv": cfg.qkv_bias, "o": cfg.o_bias, "gate_up": cfg.mlp_bias, "down": cfg.mlp_bias}
+        names = [prefix + "input_layernorm.weight", prefix + "post_attention_layernorm.weight"]
+        for role, parts in FUSED.items():
+            names += [f"{prefix}{p}.weight" for p in parts] + ([f"{prefix}{p}.bias" for p in parts] if biases[role] else [])
+        t = folder.read(names, device, dtype)
+        linears = {}
+        for role, parts in FUSED.items():
+            weights = [f"{prefix}{p}.weight" for p in parts]
+            weight = torch.cat([t.pop(n) for n in weights]) if len(parts) > 1 else t.pop(weights[0])
+            bias = torch.cat([t.pop(f"{prefix}{p}.bias") for p in parts]) if biases[role] else None
+            # A packed linear drops its plain weight and reads it again from the files if asked.
+            linears[role] = Linear(weight, bias, pack, source=folder.reader(weights, device, dtype) if pack else None)
+            del weight
+        return cls(t[names[0]], t[names[1]], linears)
 
 
 class NativeBackend(Backend):
@@ -330,7 +149,8 @@ class NativeBackend(Backend):
         quantize=None,
     ):
         """``quantize``: a ``quant.QuantConfig`` to serve the model with weight-only int4/int8
-        linears (a quantized model by choice; see ``quant.py``)."""
+        linears (a quantized model by choice; see ``quant.py``), each layer quantized as it is
+        read, so the full-precision model is never in memory."""
         path = Path(path)
         self.config = cfg = NativeConfig.from_folder(path)
         self.device = torch.device(device)
@@ -338,31 +158,38 @@ class NativeBackend(Backend):
         self.vocab_size = cfg.vocab_size
         self.max_length = min(max_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
 
-        raw = _load_tensors(path)
-        get = self._getter(raw, path)
-        self.embed = get("model.embed_tokens.weight")
-        self.norm = get("model.norm.weight")
-        pack = _can_pack(self.dtype, self.device)
+        folder = SafetensorsFolder(path)
+        dev, dt = self.device, self.dtype
+        top = folder.read(["model.embed_tokens.weight", "model.norm.weight"], dev, dt)
+        self.embed, self.norm = top["model.embed_tokens.weight"], top["model.norm.weight"]
+        pack = can_pack(self.dtype, self.device)
         if cfg.tie_word_embeddings:
             # Shared with the embedding table, so left unpacked: no second copy in memory.
-            self.lm_head = _Linear(self.embed, None, pack=False)
+            self.lm_head = Linear(self.embed, None, pack=False)
         else:
-            self.lm_head = _Linear(get("lm_head.weight"), None, pack and not (quantize and quantize.lm_head))
-        pack = pack and quantize is None  # packing is wasted on weights about to be quantized
+            pack_head = pack and not (quantize and quantize.lm_head)
+            head = folder.read(["lm_head.weight"], dev, dt)["lm_head.weight"]
+            self.lm_head = Linear(head, None, pack_head, source=folder.reader(["lm_head.weight"], dev, dt) if pack_head else None)
+            del head
+        quantize_layer = None
+        if quantize is not None:
+            from .quant import layer_quantizer
+
+            pack = False  # packing is wasted on weights about to be quantized
+            quantize_layer = layer_quantizer(quantize, cfg.num_layers)
+        self.quantized_bytes = 0  # bytes of quantized linears, when the model itself is quantized
         self.layers = []
         for i in range(cfg.num_layers):
-            prefix = f"model.layers.{i}."
-            names = [k[len(prefix):] for k in raw if k.startswith(prefix)]
-            try:
-                self.layers.append(_Layer({n: get(prefix + n) for n in names}, cfg, pack))
-            except KeyError as e:
-                raise ModelLoadError(f"weights in {str(path)!r} lack tensor {prefix}{e.args[0]}") from None
-        del raw
-        self.quantized_bytes = 0  # bytes of quantized linears, when the model itself is quantized
-        if quantize is not None:
-            from .quant import quantize_in_place
+            layer = Layer.load(folder, i, cfg, device=dev, dtype=dt, pack=pack)
+            if quantize_layer is not None:
+                layer, added = quantize_layer(i, layer)
+                self.quantized_bytes += added
+            self.layers.append(layer)
+        if quantize is not None and quantize.lm_head:
+            from .quant import QuantLinear
 
-            self.quantized_bytes = quantize_in_place(self, quantize)
+            self.lm_head = QuantLinear.from_linear(self.lm_head, quantize)
+            self.quantized_bytes += self.lm_head.nbytes
 
         # RoPE tables for every position, in float32, cast like transformers does.
         pos = torch.arange(self.max_length, dtype=torch.float32)
@@ -371,18 +198,55 @@ class NativeBackend(Backend):
         self._cos = (emb.cos() * cfg.rope_attention_scaling).to(self.device, self.dtype)
         self._sin = (emb.sin() * cfg.rope_attention_scaling).to(self.device, self.dtype)
 
-        shape = (cfg.num_layers, cfg.num_kv_heads, self.max_length, cfg.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.length = 0
+        self.cache = self.new_cache()
         self._scale = 1.0 / math.sqrt(cfg.head_dim)
         self._q_size = cfg.num_heads * cfg.head_dim
         self._kv_size = cfg.num_kv_heads * cfg.head_dim
         self.row_checks = self._check_row_invariance()
+        return_freed_memory()
 
-    def linears(self) -> dict[str, list[_Linear]]:
+    # ---- the KV cache (kv_cache.py) -----------------------------------------------------------
+    def new_cache(self, max_length: int | None = None) -> KVCache:
+        """An empty KV cache for this model (grown as its sequence lengthens)."""
+        cfg = self.config
+        return KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, min(max_length or self.max_length, self.max_length),
+                       dtype=self.dtype, device=self.device)  # fmt: skip
+
+    def with_cache(self, cache: KVCache, weights=None) -> "NativeBackend":
+        """This model over another KV cache (the same weights, norms and tables, not copied), or
+        with ``weights``' linears (a quantized copy) in place of its own."""
+        view = copy.copy(self)
+        view.cache = cache
+        if weights is not None:
+            view.layers, view.lm_head = weights.layers, weights.lm_head
+        return view
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    @length.setter
+    def length(self, value: int) -> None:
+        self.cache.length = value
+
+    @property
+    def k_cache(self) -> torch.Tensor:
+        return self.cache.k
+
+    @property
+    def v_cache(self) -> torch.Tensor:
+        return self.cache.v
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's weights in memory (a tied lm_head counted once)."""
+        tensors = [self.embed, self.norm] + [t for layer in self.layers for t in (layer.attn_norm, layer.mlp_norm)]
+        linears = [lin for ls in self.linears().values() for lin in ls if lin.weight is not self.embed]
+        return sum(t.nbytes for t in tensors) + sum(lin.nbytes for lin in linears)
+
+    def linears(self) -> dict[str, list[Linear]]:
         """Every linear by role ("layers.*.qkv", ..., "lm_head"), in layer order."""
-        roles: dict[str, list[_Linear]] = {}
+        roles: dict[str, list[Linear]] = {}
         for layer in self.layers:
             for role in ("qkv", "o", "gate_up", "down"):
                 roles.setdefault(f"layers.*.{role}", []).append(getattr(layer, role))
@@ -430,14 +294,6 @@ class NativeBackend(Backend):
                                                probes=sum(c.probes for c in checked)))  # fmt: skip
         return results
 
-    def _getter(self, raw: dict[str, torch.Tensor], path: Path):
-        def get(name: str) -> torch.Tensor:
-            if name not in raw:
-                raise ModelLoadError(f"weights in {str(path)!r} lack tensor {name!r}")
-            return raw[name].to(self.device, self.dtype)
-
-        return get
-
     # ---- self-drafting (see backends/base.py) --------------------------------------------------
     @property
     def num_layers(self) -> int:
@@ -460,53 +316,23 @@ class NativeBackend(Backend):
     def quantized_weights(self, config):
         from .quant import quantized_copy
 
-        return quantized_copy(self, config)
+        weights = quantized_copy(self, config)
+        return_freed_memory()
+        return weights
 
     def twin(self, weights) -> "NativeBackend":
-        twin = copy.copy(self)
-        twin.layers, twin.lm_head = weights.layers, weights.lm_head
-        twin.k_cache = torch.zeros_like(self.k_cache)
-        twin.v_cache = torch.zeros_like(self.v_cache)
-        twin.length = 0
-        return twin
+        return self.with_cache(KVCache.like(self.cache), weights)
 
     @property
     def cache_bytes(self) -> int:
-        return self.k_cache.nbytes + self.v_cache.nbytes
+        return self.cache.nbytes
 
     # ---- cache management -------------------------------------------------------------------
     def _truncate(self, length: int) -> None:
         self.length = length  # entries past the pointer are simply overwritten later
 
     def keep(self, start: int, rows: list[int]) -> None:
-        if rows != list(range(len(rows))):
-            src = torch.tensor(rows, device=self.device) + start
-            dst = slice(start, start + len(rows))
-            self.k_cache[:, :, dst] = self.k_cache[:, :, src]
-            self.v_cache[:, :, dst] = self.v_cache[:, :, src]
-        self.length = start + len(rows)
-
-    # ---- forward ------------------------------------------------------------------------------
-    def _mask(
-        self,
-        start: int,
-        n: int,
-        positions: torch.Tensor,
-        tree_mask: torch.Tensor | None,
-        window: int | None,
-        context: int,
-    ) -> torch.Tensor:
-        """Bool mask [n, start + n]: True where a block token may attend (the batched path:
-        single tokens and verification blocks attend row by row, without a mask)."""
-        block = tree_mask if tree_mask is not None else torch.ones(n, n, dtype=torch.bool).tril_()
-        seen = torch.arange(start) < context
-        mask = torch.cat([seen.expand(n, start), block.to("cpu", torch.bool)], dim=1)
-        mask = mask.to(self.device)
-        if window is not None:
-            # Sliding window on positions, as transformers: keep keys with q_pos - k_pos < window.
-            key_pos = torch.cat([torch.arange(start, device=self.device), positions])
-            mask &= (positions[:, None] - key_pos[None, :]) < window
-        return mask
+        self.cache.keep(start, rows)
 
     @torch.inference_mode()
     def forward(
@@ -533,6 +359,8 @@ class NativeBackend(Backend):
         context = start if context is None else context
         if start + n > self.max_length:
             raise ValueError(f"context overflow: {start} cached + {n} new > {self.max_length} tokens")
+        self.cache.reserve(start + n)
+        k_cache, v_cache = self.cache.k, self.cache.v
         input_ids = input_ids.to(self.device)
         if positions is None:
             positions = torch.arange(start, start + n, device=self.device)
@@ -550,30 +378,30 @@ class NativeBackend(Backend):
         end = start + n
         for i, layer in enumerate(layers):
             if i not in skip_attn:
-                h = _rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+                h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
                 qkv = layer.qkv(h)
                 q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
-                q = _rotate(q.view(n, cfg.num_heads, cfg.head_dim).transpose(0, 1), cos, sin)
-                k = _rotate(k.view(n, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1), cos, sin)
-                self.k_cache[i, :, start:end] = k
-                self.v_cache[i, :, start:end] = v.view(n, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
+                q = rotate(q.view(n, cfg.num_heads, cfg.head_dim).transpose(0, 1), cos, sin)
+                k = rotate(k.view(n, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1), cos, sin)
+                k_cache[i, :, start:end] = k
+                v_cache[i, :, start:end] = v.view(n, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
                 window = cfg.sliding_windows[i]
-                keys, values = self.k_cache[i, :, :end], self.v_cache[i, :, :end]
+                keys, values = k_cache[i, :, :end], v_cache[i, :, :end]
                 if rowwise:
                     if window not in plans:
-                        plans[window] = _row_plans(start, n, positions.tolist(), tree_mask, window)
-                    attn = _attention_rowwise(q, keys, values, plans[window], self._scale)
+                        plans[window] = row_plans(start, n, positions.tolist(), tree_mask, window)
+                    attn = attention_rowwise(q, keys, values, plans[window], self._scale)
                 else:
                     if window not in masks:
-                        masks[window] = self._mask(start, n, positions, tree_mask, window, context)
-                    attn = _attention(q, keys, values, masks[window], self._scale)
+                        masks[window] = attention_mask(start, n, positions, tree_mask, window, context, self.device)
+                    attn = attention(q, keys, values, masks[window], self._scale)
                 x = x + layer.o(attn.transpose(0, 1).reshape(n, self._q_size))
             if i not in skip_mlp:
-                h = _rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
+                h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
                 gate, up = layer.gate_up(h).chunk(2, dim=-1)
                 x = x + layer.down(F.silu(gate) * up)
         self.length = end
         if logits_rows is None:
             return None
-        x = _rms_norm(x[logits_rows], self.norm, cfg.rms_norm_eps)
+        x = rms_norm(x[logits_rows], self.norm, cfg.rms_norm_eps)
         return lm_head(x).float()

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..errors import InvalidArgument
 from . import invariance
-from .native import _Linear
+from .kernels import Linear
 
 BITS = (4, 8)
 # The group sizes the CPU int4 kernel implements; the fallback would take others, but one set of
@@ -137,23 +137,33 @@ def _tiny(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny if dtype.is_floating_point else 1e-30
 
 
+QUANT_CHUNK_ROWS = 1024  # output rows quantized (and packed) at a time: bounds the float32 temporaries
+
+
 def quantize_int4(weight: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] weight -> (q [N', K'] int32 in 0..15, scales_and_zeros [K'/group, N', 2] in ``dtype``).
+    """[N, K] weight -> (q [N', K'] uint8 in 0..15, scales_and_zeros [K'/group, N', 2] in ``dtype``).
 
     N' and K' are N and K padded with zero weights to multiples of 16 and of the group size. The
     scale and offset are rounded to ``dtype`` before q is chosen, so q is the nearest level of
     the grid actually used: |w - dequantized| <= s / 2 (up to the rounding of the grid's ends).
+    Rows are done ``QUANT_CHUNK_ROWS`` at a time: the float32 work of a whole output layer
+    (152k x 1.5k for Qwen's lm_head) took several GB at once.
     """
     n, k = weight.shape
     n2, k2 = _pad_to(n, INT4_N_MULTIPLE), _pad_to(k, group_size)
-    w = F.pad(weight.detach().float(), (0, k2 - k, 0, n2 - n))
-    groups = w.view(n2, k2 // group_size, group_size)
-    lo, hi = groups.amin(-1), groups.amax(-1)
-    scale = ((hi - lo) / 15).clamp_min(_tiny(dtype)).to(dtype).float()
-    zero = (lo + 8 * scale).to(dtype).float()  # the kernel's offset: w = (q - 8) * s + z
-    q = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15)
-    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
-    return q.view(n2, k2).to(torch.int32), scales_and_zeros
+    q = torch.empty(n2, k2, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(k2 // group_size, n2, 2, dtype=dtype, device=weight.device)
+    for lo in range(0, n2, QUANT_CHUNK_ROWS):
+        hi = min(lo + QUANT_CHUNK_ROWS, n2)
+        rows = weight.detach()[lo : min(hi, n)].float()  # padding rows past n are zero weights
+        w = F.pad(rows, (0, k2 - k, 0, hi - lo - rows.shape[0]))
+        groups = w.view(hi - lo, k2 // group_size, group_size)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp_min(_tiny(dtype)).to(dtype).float()
+        zero = (low + 8 * scale).to(dtype).float()  # the kernel's offset: w = (q - 8) * s + z
+        q[lo:hi] = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15).view(hi - lo, k2).to(torch.uint8)
+        scales[:, lo:hi] = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(dtype)
+    return q, scales
 
 
 def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -166,16 +176,50 @@ def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size:
 
 def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] weight -> (q [N, K'] int8, scales [N] in ``dtype``); |w - q s| <= s / 2. K' is K
-    padded with zero weights to a multiple of INT8_K_MULTIPLE."""
-    k = weight.shape[1]
-    w = F.pad(weight.detach().float(), (0, _pad_to(k, INT8_K_MULTIPLE) - k))
-    scale = (w.abs().amax(dim=1) / 127).clamp_min(_tiny(dtype)).to(dtype)
-    q = torch.round(w / scale.float()[:, None]).clamp_(-128, 127).to(torch.int8)
-    return q, scale
+    padded with zero weights to a multiple of INT8_K_MULTIPLE. Rows ``QUANT_CHUNK_ROWS`` at a time."""
+    n, k = weight.shape
+    k2 = _pad_to(k, INT8_K_MULTIPLE)
+    q = torch.empty(n, k2, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(n, dtype=dtype, device=weight.device)
+    for lo in range(0, n, QUANT_CHUNK_ROWS):
+        w = F.pad(weight.detach()[lo : lo + QUANT_CHUNK_ROWS].float(), (0, k2 - k))
+        scale = (w.abs().amax(dim=1) / 127).clamp_min(_tiny(dtype)).to(dtype)
+        q[lo : lo + QUANT_CHUNK_ROWS] = torch.round(w / scale.float()[:, None]).clamp_(-128, 127).to(torch.int8)
+        scales[lo : lo + QUANT_CHUNK_ROWS] = scale
+    return q, scales
 
 
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * scales.float()[:, None]
+
+
+def _int4_pack(q: torch.Tensor) -> torch.Tensor:
+    """The CPU int4 kernel's packing of levels q [N, K] (uint8 0..15), ``QUANT_CHUNK_ROWS`` rows at
+    a time where packing rows apart is checked to equal packing them together (the kernel takes
+    int32 levels: 4 bytes a weight for a whole layer at once)."""
+    def pack(rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows.to(torch.int32), INNER_K_TILES)
+
+    if q.shape[0] <= QUANT_CHUNK_ROWS or not _chunked_packing_ok(q.device):
+        return pack(q)
+    return torch.cat([pack(q[lo : lo + QUANT_CHUNK_ROWS]) for lo in range(0, q.shape[0], QUANT_CHUNK_ROWS)])
+
+
+_CHUNKED_PACKING_OK: dict[str, bool] = {}
+
+
+def _chunked_packing_ok(device: torch.device) -> bool:
+    """Whether the kernel packs each block of rows on its own (its layout depends on the
+    instruction set), checked once per device against packing the whole."""
+    key = str(device)
+    if key not in _CHUNKED_PACKING_OK:
+        q = torch.randint(0, 16, (2 * QUANT_CHUNK_ROWS + 64, 128), generator=torch.Generator().manual_seed(0),
+                          dtype=torch.int32).to(device)  # fmt: skip
+        whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES)
+        parts = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[lo : lo + QUANT_CHUNK_ROWS], INNER_K_TILES)
+                 for lo in range(0, q.shape[0], QUANT_CHUNK_ROWS)]  # fmt: skip
+        _CHUNKED_PACKING_OK[key] = torch.equal(torch.cat(parts), whole)
+    return _CHUNKED_PACKING_OK[key]
 
 
 def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -212,7 +256,7 @@ def _kernel_works(bits: int, device: torch.device, dtype: torch.dtype) -> bool:
         try:
             if bits == 4:
                 q, sz = quantize_int4(weight, 32, dtype)
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES)
+                packed = _int4_pack(q)
                 got = _int4_cpu_kernel(x, packed, 32, sz)
                 ref = x.float() @ dequantize_int4(q, sz, 32).t()
             else:
@@ -227,10 +271,10 @@ def _kernel_works(bits: int, device: torch.device, dtype: torch.dtype) -> bool:
     return ok
 
 
-class QuantLinear(_Linear):
+class QuantLinear(Linear):
     """A linear whose weight is held in int4 or int8 (see the module docstring).
 
-    A ``_Linear``: blocks are cut into chunks by the same row-invariance check, so a quantized
+    A ``Linear``: blocks are cut into chunks by the same row-invariance check, so a quantized
     target keeps bf16 speculation bit-exact against its own plain decoding.
     """
 
@@ -245,7 +289,7 @@ class QuantLinear(_Linear):
             q, self.scales = quantize_int4(weight, group_size, weight.dtype)
             self.out_padded, self.in_padded = q.shape
             if fast:
-                self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES)
+                self.qweight = _int4_pack(q)
                 self.kernel = f"int4-pack-g{group_size}"
             else:  # two levels a byte: the same memory as the kernel's packing
                 self.qweight = _pack_nibbles(q)
@@ -263,7 +307,7 @@ class QuantLinear(_Linear):
         self.weight = self.source = None
 
     @classmethod
-    def from_linear(cls, linear: _Linear, config: QuantConfig) -> _Linear:
+    def from_linear(cls, linear: Linear, config: QuantConfig) -> Linear:
         """A quantized copy of ``linear``. A linear that is already quantized (a quantized
         target) is requantized from its int8 values when that makes it smaller, else kept as
         it is: a copy can never be more precise than what it copies."""
@@ -272,7 +316,7 @@ class QuantLinear(_Linear):
             if linear.bits == 8 and config.bits == 4:
                 return cls(linear.dequantized(), linear.bias, 4, group)
             return linear
-        return cls(linear.source, linear.bias, config.bits, group)
+        return cls(linear.plain(), linear.bias, config.bits, group)
 
     @property
     def nbytes(self) -> int:
@@ -336,42 +380,47 @@ class QuantizedWeights:
 
     config: QuantConfig
     layers: list
-    lm_head: _Linear
+    lm_head: Linear
     kept: frozenset[int] = field(default_factory=frozenset)
     nbytes: int = 0  # bytes of the new quantized linears: what the copy adds to the model's memory
+
+
+def layer_quantizer(config: QuantConfig, num_layers: int):
+    """``(index, layer) -> (quantized layer, bytes added)``: a copy of a decoder layer with its
+    linears quantized (norms shared), or the layer itself where ``config`` keeps it. One layer at
+    a time, so that a quantized copy or a quantized load never holds a second full-precision
+    copy of the model."""
+    kept = config.kept(num_layers)
+
+    def quantize(index: int, layer):
+        if index in kept:
+            return layer, 0
+        twin = copy.copy(layer)  # shares the norms
+        added = 0
+        for role in ROLES:
+            linear = getattr(layer, role)
+            q = QuantLinear.from_linear(linear, config)
+            added += q.nbytes if q is not linear else 0
+            setattr(twin, role, q)
+        return twin, added
+
+    return quantize
 
 
 def quantized_copy(backend, config: QuantConfig) -> QuantizedWeights:
     """Quantized copies of ``backend``'s decoder-layer linears (and lm_head if asked); kept
     layers and the lm_head otherwise are the backend's own."""
-    kept = config.kept(len(backend.layers))
-    added = 0
-
-    def quantized(linear: _Linear) -> _Linear:
-        nonlocal added
-        q = QuantLinear.from_linear(linear, config)
-        added += q.nbytes if q is not linear else 0
-        return q
-
-    layers = []
+    quantize = layer_quantizer(config, len(backend.layers))
+    layers, added = [], 0
     for i, layer in enumerate(backend.layers):
-        if i in kept:
-            layers.append(layer)
-            continue
-        twin = copy.copy(layer)  # shares the norms
-        for role in ROLES:
-            setattr(twin, role, quantized(getattr(layer, role)))
-        layers.append(twin)
-    lm_head = quantized(backend.lm_head) if config.lm_head else backend.lm_head
-    return QuantizedWeights(config, layers, lm_head, kept, added)
-
-
-def quantize_in_place(backend, config: QuantConfig) -> int:
-    """Replace ``backend``'s own linears with quantized ones (a quantized model by choice); the
-    full-precision weights are released. Returns the bytes the quantized linears hold."""
-    copy_ = quantized_copy(backend, config)
-    backend.layers, backend.lm_head = copy_.layers, copy_.lm_head
-    return copy_.nbytes
+        layer, n = quantize(i, layer)
+        layers.append(layer)
+        added += n
+    lm_head = backend.lm_head
+    if config.lm_head:
+        lm_head = QuantLinear.from_linear(backend.lm_head, config)
+        added += lm_head.nbytes if lm_head is not backend.lm_head else 0
+    return QuantizedWeights(config, layers, lm_head, config.kept(len(backend.layers)), added)
 
 
 def full_precision_bytes(backend) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidArgument
+from ..checks import integer
 
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 SUBTASKS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
@@ -104,8 +105,7 @@ def select(questions: list[Question], subtasks: list[str], per_subtask: int | No
     """
     if per_subtask is not None and (isinstance(per_subtask, bool) or per_subtask < 0):
         raise InvalidArgument("per_subtask", f"expected an integer >= 0 (0 = all), got {per_subtask!r}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise InvalidArgument("offset", f"expected an integer >= 0, got {offset!r}")
+    integer("offset", offset, 0)
     chosen: set[int] = set()
     for subtask in subtasks:
         members = [q for q in questions if q.subtask == subtask]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import InvalidArgument
+from ..checks import integer
 from ..hub import resolve_model
 from .answers import answer_path, append_answer, check_resumable, merge_shards, read_answers, write_answers
 from .methods import default_baseline
@@ -76,10 +77,8 @@ def _check(config: BenchConfig, names: list[str], baseline: str, runs: int, work
     if baseline not in names:
         raise InvalidArgument("baseline", f"{baseline!r} is not among the methods ({', '.join(names)})")
     for name, value in (("runs", runs), ("workers", workers), ("max_new_tokens", config.max_new_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgument(name, f"expected a positive integer, got {value!r}")
-    if isinstance(config.warmup, bool) or not isinstance(config.warmup, int) or config.warmup < 0:
-        raise InvalidArgument("warmup", f"expected an integer >= 0, got {config.warmup!r}")
+        integer(name, value)
+    integer("warmup", config.warmup, 0)
     if config.temperature < 0:
         raise InvalidArgument("temperature", f"expected >= 0, got {config.temperature!r}")
     missing_draft = [s.name for s in config.methods if s.needs_draft_model and not config.draft_model]

@@ -7,6 +7,8 @@ trees) implement these three calls and register a name, with what they need, in
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..draft import Draft
@@ -50,10 +52,34 @@ class Drafter:
     def update(self, tokens: list[int], num_accepted: int, draft: Draft) -> None:
         """The verdict: ``num_accepted`` nodes of ``draft`` were kept; ``tokens`` is the new sequence."""
 
+    # ---- many requests at once (the batch scheduler) ---------------------------------------------
+    # A drafter that can follow one more request beside others says so (``batchable``); the
+    # registry declares it for the built-in methods. ``fork`` gives each batched request its own.
+    batchable = False
+    lossless = True  # its output is the target's own (set by the registry for its methods)
+
+    def shared(self) -> list[object]:
+        """What every copy of this drafter shares instead of copying: memory across requests
+        (suffix's store of earlier requests, token recycling's table: copying either would cost
+        more than a step, and what a request taught it would be lost with the copy), models."""
+        return []
+
+    def fork(self, target=None) -> "Drafter":
+        """A drafter for one more request decoded beside others: its own per-request state,
+        sharing ``shared()`` with this one. ``target``: the target over that request's own
+        cache, for drafters that draft through the target."""
+        memo = {id(obj): obj for obj in self.shared()}
+        return copy.deepcopy(self, memo)
+
     def forget(self) -> None:
         """Drop the text remembered from earlier requests (a benchmark calls it after warming
         up, so that a method's memory starts cold on the timed questions). What a drafter
         learned about itself (how far to trust its estimates) may stay."""
+
+    @property
+    def nbytes(self) -> int:
+        """Memory this drafter adds to the target's (weights of its own, caches of its own)."""
+        return 0
 
     def stats(self) -> dict:
         """Method-specific statistics for the last request (merged into the result's stats)."""

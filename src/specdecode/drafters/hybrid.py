@@ -45,6 +45,21 @@ class HybridDrafter(Drafter):
         self.first.observe(root, draft, logits)  # free by-products: both may learn from them
         self.second.observe(root, draft, logits)
 
+    @property
+    def batchable(self) -> bool:
+        return self.first.batchable and self.second.batchable
+
+    @property
+    def lossless(self) -> bool:
+        return self.first.lossless and self.second.lossless
+
+    def fork(self, target=None) -> "HybridDrafter":
+        return HybridDrafter(self.first.fork(target), self.second.fork(target))
+
+    @property
+    def nbytes(self) -> int:
+        return self.first.nbytes + self.second.nbytes
+
     def forget(self) -> None:
         self.first.forget()
         self.second.forget()

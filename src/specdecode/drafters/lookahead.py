@@ -34,7 +34,7 @@ import torch
 
 from ..draft import Draft
 from ..errors import InvalidArgument
-from . import options as opt
+from .. import checks as opt
 from .base import Drafter
 from .trees import Calibration, accepted_path, grow_tree
 

@@ -37,6 +37,7 @@ only decides whether their children are drafted: lossless).
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 
@@ -101,6 +102,16 @@ class QuantDrafter(Drafter):
     @classmethod
     def create(cls, target, **options) -> "QuantDrafter":
         return cls(target, **options)
+
+    def fork(self, target=None) -> "QuantDrafter":
+        """A drafter for one request of a batch: the same quantized copy, drafting over that
+        request's own cache (``target``: the target over its slot), and its own cache where
+        ``cache="own"``."""
+        twin = copy.copy(self)
+        twin.target = self.target if target is None else target
+        twin.own = twin.target.twin(self.weights) if self.cache == "own" else None
+        twin._cached, twin._forwards = [], 0
+        return twin
 
     def begin(self, prompt_ids):
         self._forwards = 0
@@ -196,6 +207,10 @@ class QuantDrafter(Drafter):
             probs=None if greedy else [nodes[i][4] for i in order],
             confidence=[nodes[i][3] for i in order] if greedy else None,
         )
+
+    @property
+    def nbytes(self) -> int:
+        return self.weights.nbytes + (0 if self.own is None else self.own.cache_bytes)
 
     def stats(self) -> dict:
         own_bytes = 0 if self.own is None else self.own.cache_bytes

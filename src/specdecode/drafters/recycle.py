@@ -24,7 +24,7 @@ import torch
 
 from ..draft import Draft
 from ..errors import InvalidArgument
-from . import options as opt
+from .. import checks as opt
 from .base import Drafter
 from .suffix import SuffixDrafter, _expand
 from .trees import Calibration, Candidate, accepted_path, grow_tree
@@ -73,11 +73,6 @@ class RecycleDrafter(Drafter):
         self._meta: list = []
         self._propose_len = 0
 
-    @classmethod
-    def create(cls, target, **options) -> "RecycleDrafter":
-        options.setdefault("tree", target.supports_tree)
-        return cls(**options)
-
     def begin(self, prompt_ids: list[int]) -> None:
         self._meta = []
 
@@ -101,6 +96,9 @@ class RecycleDrafter(Drafter):
             path = accepted_path(draft, tokens[self._propose_len : self._propose_len + num_accepted])
             self.calibration.learn(draft, self._meta, path)
         self._meta = []
+
+    def shared(self) -> list[object]:
+        return [self.table]
 
     def forget(self) -> None:
         self.table.rows.clear()
@@ -131,11 +129,6 @@ class SuffixRecycleDrafter(Drafter):
         self._meta: list = []
         self._propose_len = 0
         self._recycled_steps = 0
-
-    @classmethod
-    def create(cls, target, **options) -> "SuffixRecycleDrafter":
-        options.setdefault("tree", target.supports_tree)
-        return cls(**options)
 
     def begin(self, prompt_ids: list[int]) -> None:
         self.suffix.begin(prompt_ids)
@@ -170,6 +163,9 @@ class SuffixRecycleDrafter(Drafter):
         # The suffix drafter keeps its text and the store's recency; calibration is ours.
         self.suffix.learn(tokens, num_accepted, draft, self._meta, self._propose_len, self.calibration)
         self._meta = []
+
+    def shared(self) -> list[object]:
+        return self.suffix.shared() + self.recycle.shared()
 
     def forget(self) -> None:
         self.suffix.forget()

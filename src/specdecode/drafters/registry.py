@@ -1,8 +1,12 @@
-"""Every drafting method by name, with what it needs, in one place.
+"""Every drafting method by name, with what it needs, in one place; and the factory that
+builds a method's drafter.
 
-The engine, the batch scheduler, the benchmark and the server ask this registry instead of
-testing method names: whether a method needs a draft model, drafts through the target itself,
-may be copied per request by the batch scheduler, and so on. A new method registers here (see
+A method string is parsed once (``parse``) into a ``MethodSpec``: its registered parts, their
+options and the acceptance rule. ``build`` then makes the drafter from a ``BuildContext`` (the
+target, its tokenizer, a way to load a draft model). The engine, the batch scheduler, the
+benchmark and the server ask this registry instead of testing method names: whether a method
+needs a draft model, drafts through the target itself, drafts trees, can run beside other
+requests in a batch. A new method is its drafter's module and one row here (see
 ``drafters/base.py`` for the interface its drafter implements).
 
 A method name is a registered name, or a hybrid ``A+B`` of two (``drafters/hybrid.py``): B
@@ -12,9 +16,12 @@ among others, per request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import InvalidArgument
+from ..verification import VerifyRule
 from .base import Drafter, VanillaDrafter
 from .lookahead import LookaheadDrafter
 from .pld import PromptLookupDrafter
@@ -38,45 +45,64 @@ class Method:
     # Drafts with the target itself, through the backend's self-drafting interface (sub-layers
     # skipped, quantized linears; ``Backend.self_draft``): the native backend only.
     self_drafting: bool = False
-    # Proposes token trees, verified in one forward with a tree mask, where the backend can.
+    # Proposes token trees, verified in one forward with a tree mask where the backend can, and
+    # its best path where it cannot: the factory passes ``tree=`` from the backend. (swift,
+    # quant and lookahead grow trees too, but need the native backend, which verifies them.)
     trees: bool = False
-    # Keeps a KV cache of its own in step with the sequence (a draft model's).
-    own_cache: bool = False
     # Drafts from a retrieval datastore built ahead (``specdecode datastore build``).
     datastore: bool = False
     # Reads text with the target's tokenizer (a corpus, a datastore): built with ``tokenizer=``.
     reads_text: bool = False
-    # The batch scheduler can run a copy of its drafter per request. Not a method that follows
-    # one sequence in a model's cache (its own or the target's) or reads a datastore.
+    # The batch scheduler can run a copy of its drafter per request (``Drafter.fork``): the
+    # factory marks the drafters it builds. Not swift, whose skip set is tuned on one sequence.
     batchable: bool = True
     # Its output is the target's own. Every drafting method is lossless; only a lossy
-    # acceptance rule (verification.py, chosen apart from the method) is not.
+    # acceptance rule (verification.py, chosen apart from the method) is not. A method that is
+    # not would make every result say so (``Engine.lossy``).
     lossless: bool = True
+
+    def build(self, context: "BuildContext", options: dict[str, Any]) -> Drafter:
+        """This method's drafter for ``context``'s target, with ``options`` (its own)."""
+        options = dict(options)
+        if self.trees:
+            options.setdefault("tree", context.target.supports_tree)
+        if self.reads_text:
+            options.setdefault("tokenizer", context.tokenizer)  # e.g. to read a corpus
+        make = self.drafter.create
+        if self.draft_model:  # a draft model's drafter is built on that model, not the target
+            model = context.draft_model()
+            make = lambda _target, **o: self.drafter(model, **o)  # noqa: E731
+        try:
+            drafter = make(context.target, **options)
+        except TypeError as e:  # an option the method does not take
+            raise InvalidArgument("method_options", f"method {self.name!r}: {e}") from None
+        drafter.batchable, drafter.lossless = self.batchable, self.lossless
+        return drafter
 
 
 REGISTRY: dict[str, Method] = {
     m.name: m
     for m in (
         Method("vanilla", VanillaDrafter),
-        Method("sps", DraftModelDrafter, draft_model=True, own_cache=True, batchable=False),
+        Method("sps", DraftModelDrafter, draft_model=True),
         Method("pld", PromptLookupDrafter),
-        Method("swift", SwiftDrafter, self_drafting=True, trees=True, batchable=False),
-        Method("quant", QuantDrafter, self_drafting=True, trees=True, batchable=False),
+        Method("swift", SwiftDrafter, self_drafting=True, batchable=False),
+        Method("quant", QuantDrafter, self_drafting=True),
         # Model-free drafters (no weights of their own): suffix structures, the target's own
         # verification logits, Jacobi iteration, retrieval.
         Method("suffix", SuffixDrafter, trees=True, reads_text=True),  # reads a corpus file
         Method("recycle", RecycleDrafter, trees=True),
         Method("suffix+recycle", SuffixRecycleDrafter, trees=True, reads_text=True),
-        Method("lookahead", LookaheadDrafter, trees=True),
+        Method("lookahead", LookaheadDrafter),  # needs the native backend's tree verification
         # The tokenizer checks that the datastore speaks the target's tokens.
-        Method("rest", RestDrafter, trees=True, datastore=True, reads_text=True, batchable=False),
+        Method("rest", RestDrafter, trees=True, datastore=True, reads_text=True),
     )
 }
 
 
 def names(**needs: bool) -> list[str]:
     """The registered methods whose declarations match ``needs``, in registration order:
-    ``names(batchable=False)`` -> ["sps", "swift", "quant", "rest"]."""
+    ``names(self_drafting=True)`` -> ["swift", "quant"]."""
     return [m.name for m in REGISTRY.values() if all(getattr(m, k) == v for k, v in needs.items())]
 
 
@@ -133,3 +159,59 @@ def check_draft_quant(method: str, draft_quant) -> None:
         raise InvalidArgument(
             "draft_quant", f"only method {_quoted(names(draft_model=True))} has a draft model to quantize, not {method!r}"
         )
+
+
+# ---- parsing once, building from a context -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method string, parsed and checked: its parts, their options, the acceptance rule."""
+
+    name: str
+    parts: tuple[Method, ...]
+    options: dict[str, Any] = field(default_factory=dict)  # a single method's; a hybrid takes none
+    rule: VerifyRule = field(default_factory=VerifyRule)
+
+    @property
+    def batchable(self) -> bool:
+        return all(m.batchable for m in self.parts)
+
+    def needs(self, need: str) -> bool:
+        return any(getattr(m, need) for m in self.parts)
+
+
+def parse(method: str, options: dict[str, Any] | None = None, verify: str | None = "exact") -> MethodSpec:
+    """``method`` (a name or a hybrid ``A+B``), its options and the acceptance rule, checked
+    once (InvalidArgument naming the argument at fault)."""
+    options = dict(options or {})
+    parts = tuple(components(method))
+    if len(parts) > 1 and options and set(options) - {"beta", "tau"}:
+        raise InvalidArgument("method_options", f"hybrid {method!r}: options go to its methods one at a time; none are taken here")
+    rule = VerifyRule.parse(verify, options)  # takes beta and tau out of the options
+    return MethodSpec(method, parts, options, rule)
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What the factory builds drafters from: the target, its tokenizer, and a loader of the
+    draft model (called only for a method that drafts with one)."""
+
+    target: Any  # backends.Backend
+    tokenizer: Any = None
+    draft_model: Callable[[], Any] | None = None
+
+
+def build(spec: MethodSpec, context: BuildContext, built: dict[str, Drafter] | None = None) -> Drafter:
+    """The drafter for ``spec``: its method's, or a hybrid of its two parts' (``built``: drafters
+    already made by name, reused: auto's arms share one quantized copy)."""
+    from .hybrid import HybridDrafter
+
+    built = {} if built is None else built
+    drafters = []
+    for method in spec.parts:
+        if method.name not in built:
+            built[method.name] = method.build(context, spec.options)
+        drafters.append(built[method.name])
+    return drafters[0] if len(drafters) == 1 else HybridDrafter(*drafters)
+

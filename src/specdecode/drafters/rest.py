@@ -14,7 +14,7 @@ from __future__ import annotations
 from ..datastore import Datastore, tokenizer_fingerprint
 from ..draft import Draft
 from ..errors import InvalidArgument
-from . import options as opt
+from .. import checks as opt
 from .base import Drafter
 from .trees import Calibration, Candidate, accepted_path, grow_tree
 
@@ -74,10 +74,8 @@ class RestDrafter(Drafter):
         self._propose_len = 0
         self._steps = self._matched = 0
 
-    @classmethod
-    def create(cls, target, **options) -> "RestDrafter":
-        options.setdefault("tree", target.supports_tree)
-        return cls(**options)
+    def shared(self) -> list[object]:
+        return [self.store]  # read-only, possibly large: every request of a batch reads the one
 
     def begin(self, prompt_ids: list[int]) -> None:
         self._meta = []

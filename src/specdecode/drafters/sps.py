@@ -12,6 +12,7 @@ import torch
 
 from ..backends import Backend
 from ..draft import Draft
+from ..errors import InvalidArgument
 from ..sampling import probabilities, sample
 from .base import Drafter
 
@@ -24,6 +25,21 @@ class DraftModelDrafter(Drafter):
     def __init__(self, draft_backend: Backend):
         self.model = draft_backend
         self._cached: list[int] = []  # the tokens whose keys/values are in the draft cache
+
+    def fork(self, target=None) -> "DraftModelDrafter":
+        """A drafter for one request of a batch: the same draft model (weights shared) over a
+        KV cache of its own."""
+        if not hasattr(self.model, "with_cache"):
+            raise InvalidArgument(
+                "draft_model", f"batched sps keeps a cache per request, which the {self.model.name!r} backend's draft model "
+                "cannot; load it with backend='native'"
+            )  # fmt: skip
+        return DraftModelDrafter(self.model.with_cache(self.model.new_cache()))
+
+    @property
+    def nbytes(self) -> int:
+        """The draft model's weights (where its backend counts them) and its cache."""
+        return getattr(self.model, "weight_bytes", 0) + self.model.cache_bytes
 
     def begin(self, prompt_ids: list[int]) -> None:
         self.model.reset()

@@ -25,7 +25,7 @@ from __future__ import annotations
 from ..corpus import tokenize_documents
 from ..draft import Draft
 from ..errors import InvalidArgument
-from . import options as opt
+from .. import checks as opt
 from .base import Drafter
 from .suffix_index import Matcher, SuffixAutomaton
 from .suffix_store import SuffixStore
@@ -110,11 +110,6 @@ class SuffixDrafter(Drafter):
         self._meta: list = []
         self._propose_len = 0
         self._reset_request_stats()
-
-    @classmethod
-    def create(cls, target, **options) -> "SuffixDrafter":
-        options.setdefault("tree", target.supports_tree)
-        return cls(**options)
 
     def _seed(self, corpus, tokenizer) -> None:
         if not isinstance(corpus, str) or not corpus:
@@ -221,6 +216,9 @@ class SuffixDrafter(Drafter):
                 self.store.touch(source.index.doc[data[0]])
             else:
                 self._local_accepted += 1
+
+    def shared(self) -> list[object]:
+        return [self.store] if self.store is not None else []
 
     def forget(self) -> None:
         """Drop the earlier requests' text (the store); the calibration stays."""

@@ -38,6 +38,7 @@ import torch
 
 from ..backends import Backend, SkipSet
 from ..draft import Draft
+from .. import checks as opt
 from ..errors import InvalidArgument
 from .base import Drafter
 from .payoff import DraftingPayoff
@@ -53,9 +54,7 @@ def _fraction(name: str, value, *, open_interval: bool) -> float:
 
 
 def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgument(name, f"expected a positive integer, got {value!r}")
-    return value
+    return opt.integer(name, value)
 
 
 def _flag(name: str, value) -> bool:

@@ -29,7 +29,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..drafters import options as opt
+from ..batching import BatchLimits
+from .. import checks as opt
 from ..errors import InvalidArgument
 from .metrics import BatchStats, Metrics
 from .prompts import PromptEncoder, fit_max_tokens
@@ -52,23 +53,22 @@ class _ClientGone(Exception):
 class ServerState:
     def __init__(
         self, engine, *, model_name: str, aliases: tuple[str, ...], api_key: str | None, max_queue: int,
-        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, max_batch_tokens: int | None = None,
-        prefill_chunk: int | None = None,
+        limits: BatchLimits | None = None,
     ):  # fmt: skip
+        limits = limits or BatchLimits(DEFAULT_MAX_NUM_SEQS)
         self.engine = engine
         self.model_name = model_name
         self.model_ids = {model_name, *aliases}  # names a request may use for the one served model
         self.api_key = api_key
-        self.max_num_seqs = max_num_seqs
+        self.max_num_seqs = limits.max_num_seqs
         self.batch_stats: BatchStats | None = None
         self.batching_off_reason: str | None = None  # why requests run one at a time, if they do
         scheduler = None
-        if max_num_seqs == 1:
+        if limits.max_num_seqs == 1:
             self.batching_off_reason = "--max-num-seqs 1"
         else:
             try:
-                scheduler = engine.batch(max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
-                                         prefill_chunk=prefill_chunk)  # fmt: skip
+                scheduler = engine.batch(limits=limits)
             except InvalidArgument as e:  # a method or backend the scheduler refuses
                 self.batching_off_reason = str(e)
                 log.warning("continuous batching is off, requests run one at a time: %s", e)
@@ -85,9 +85,17 @@ class ServerState:
 
     @property
     def batch_cache_bytes(self) -> int:
-        """The batched KV cache's size (every slot holds the whole context), 0 when not batching."""
+        """What the batched KV cache's slots hold now (each grown by need), 0 when not batching."""
         cache = getattr(getattr(self.worker, "scheduler", None), "cache", None)
-        return 0 if cache is None else cache.k_cache.nbytes + cache.v_cache.nbytes
+        return 0 if cache is None else cache.nbytes
+
+    @property
+    def memory(self) -> dict[str, int]:
+        """/health's view of memory, in bytes: the target's weights, the drafter's own (a quantized
+        copy, a draft model and its cache), the KV caches (the lone one, the batch's slots)."""
+        target = self.engine.target
+        return {"weights_bytes": getattr(target, "weight_bytes", 0), "drafter_bytes": self.engine.drafter.nbytes,
+                "kv_cache_bytes": target.cache_bytes + self.batch_cache_bytes}  # fmt: skip
 
     @property
     def batching(self) -> dict[str, Any]:
@@ -97,6 +105,7 @@ class ServerState:
             return {"enabled": False, "reason": self.batching_off_reason, "max_num_seqs": 1}
         return {"enabled": True, "max_num_seqs": w.scheduler.max_num_seqs,
                 "max_batch_tokens": w.scheduler.max_batch_tokens, "prefill_chunk": w.scheduler.prefill_chunk,
+                "kv_cache_budget_bytes": w.scheduler.limits.kv_cache_bytes,
                 "kv_cache_bytes": self.batch_cache_bytes,
                 **self.batch_stats.summary()}  # fmt: skip
 
@@ -351,6 +360,7 @@ def create_app(
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
     max_batch_tokens: int | None = None,
     prefill_chunk: int | None = None,
+    kv_cache_bytes: int | None = None,
 ) -> FastAPI:
     """An app serving ``engine`` (loaded once); its worker thread runs while the app does.
     Request bodies over ``max_body_bytes`` are refused with 413.
@@ -360,18 +370,16 @@ def create_app(
     default from the target's cost model, and up to ``prefill_chunk`` prompt tokens). Methods and
     backends the scheduler refuses (those the drafter registry declares not ``batchable``, auto;
     the hf backend) run one request at a time, as ``max_num_seqs=1`` does; /health says which and
-    why. The limits are checked here, so that a bad one is an error rather than a fallback."""
+    why. ``kv_cache_bytes``: what the running requests' KV caches may hold together (a request that
+    could never fit is refused with 400, one that does not fit now waits). The limits are checked
+    here, so that a bad one is an error rather than a fallback."""
     if max_queue < 1:
         raise InvalidArgument("max_queue", f"expected an integer >= 1, got {max_queue!r}")
-    opt.integer("max_num_seqs", max_num_seqs)
-    for name, value in (("max_batch_tokens", max_batch_tokens), ("prefill_chunk", prefill_chunk)):
-        if value is not None:
-            opt.integer(name, value)
+    limits = BatchLimits.make(max_num_seqs, max_batch_tokens, prefill_chunk, kv_cache_bytes)
     opt.integer("max_body_bytes", max_body_bytes)
     state = ServerState(
         engine, model_name=model_name or engine.model_name, aliases=aliases, api_key=api_key or None,
-        max_queue=max_queue, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
-        prefill_chunk=prefill_chunk,
+        max_queue=max_queue, limits=limits,
     )  # fmt: skip
 
     @asynccontextmanager
@@ -460,7 +468,7 @@ def create_app(
         body = {"status": "ok" if w.alive else "unavailable", "model": state.model_name, "method": engine.method,
                 "verify": engine.verify.describe(), "lossy": engine.verify.lossy,
                 "queue_length": w.queue_length, "running": w.running, "worker_thread": w.thread_name,
-                "batching": state.batching}  # fmt: skip
+                "batching": state.batching, "memory": state.memory}  # fmt: skip
         return JSONResponse(body, status_code=200 if w.alive else 503)
 
     @app.get("/metrics")

@@ -12,6 +12,7 @@ from ..cli_options import (  # the options shared with `generate`
     DRAFT_QUANT_OPTION, METHOD_OPTION, METHOD_OPTIONS_OPTION, MODEL_OPTION, QUANTIZE_OPTION, VERIFY_OPTION, fail,
     method_options,
 )  # fmt: skip
+from .. import checks as opt
 from ..drafters import registry
 
 
@@ -50,6 +51,11 @@ def serve(
         None, min=1, help="Prompt tokens prefilled per batched step beside the decoding rows (default 512): "
         "longer prompts are prefilled in chunks so that they do not stall the running requests.",
     ),  # fmt: skip
+    kv_cache_memory: Optional[str] = typer.Option(
+        None, help="What the running requests' KV caches may hold together, e.g. 6GiB (default: half the memory "
+        "free after loading). A request joins when what its prompt and max_tokens can reach fits; one that never "
+        "can is refused with 400.",
+    ),  # fmt: skip
     served_model_name: Optional[str] = typer.Option(
         None, help="The model name clients use (default: the --model folder's name)."
     ),
@@ -76,12 +82,13 @@ def serve(
             draft_length=draft_length, adaptive=adaptive, quantize=quantize, draft_quant=draft_quant,
             verify=verify, **method_options(option),
         )  # fmt: skip
+        kv_bytes = opt.size("kv_cache_memory", kv_cache_memory) if kv_cache_memory is not None else default_kv_budget()
         # Clients may name the model as it was given on the command line, too.
         aliases = tuple({model, os.path.basename(os.path.normpath(model))} - {served_model_name})
         app = create_app(
             engine, model_name=served_model_name or engine.model_name, aliases=aliases, api_key=api_key,
             max_queue=max_queue, max_body_bytes=max_body_bytes, max_num_seqs=max_num_seqs,
-            max_batch_tokens=max_batch_tokens, prefill_chunk=prefill_chunk,
+            max_batch_tokens=max_batch_tokens, prefill_chunk=prefill_chunk, kv_cache_bytes=kv_bytes,
         )  # fmt: skip
     except (SpecDecodeError, TypeError) as e:
         fail(str(e))
@@ -96,12 +103,26 @@ def serve(
     if state.batch_stats is not None:
         typer.secho(
             f"continuous batching: up to {state.batch_stats.max_num_seqs} requests at once, "
-            f"{state.batch_stats.max_batch_tokens} tokens per step (KV cache {state.batch_cache_bytes / 2**30:.2f} GiB)",
+            f"{state.batch_stats.max_batch_tokens} tokens per step (KV cache grown by need, "
+            f"budget {(kv_bytes or 0) / 2**30:.2f} GiB)",
             err=True, fg=typer.colors.CYAN,
         )  # fmt: skip
     else:
         typer.secho(f"one request at a time: {state.batching_off_reason}", err=True, fg=typer.colors.YELLOW)
     _serve(app, uvicorn.Config(app, host=host, port=port, log_level=log_level))
+
+
+def default_kv_budget() -> int | None:
+    """Half the memory free now (after loading): the KV caches grow by need up to it, leaving
+    the rest to the process and the machine. None where the free memory cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return None
 
 
 def _serve(app, config) -> None:
