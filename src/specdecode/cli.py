@@ -12,12 +12,14 @@ from typing import Optional
 
 import typer
 
-from .cli_options import (
+from .cli_options import (  # ADAPTER_OPTION: TokenSkip's --adapter (docs/tokenskip.md)
+    ADAPTER_OPTION,
     ADAPTIVE_OPTION, BACKEND_OPTION, DEVICE_OPTION, DRAFT_LENGTH_OPTION, DRAFT_MODEL_OPTION, DRAFT_QUANT_OPTION,
     DTYPE_OPTION, METHOD_OPTION, METHOD_OPTIONS_OPTION, MODEL_OPTION, QUANTIZE_OPTION, VERIFY_OPTION, fail,
     method_options,
 )  # fmt: skip
 from .errors import SpecDecodeError
+from .tokenskip.cli import app as tokenskip_app
 
 app = typer.Typer(
     add_completion=False,
@@ -49,17 +51,20 @@ def generate(
     draft_quant: Optional[str] = DRAFT_QUANT_OPTION,
     verify: str = VERIFY_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token ids, statistics)."),
+    adapter: Optional[str] = ADAPTER_OPTION,
 ):
     """Generate text and print it with a one-line summary."""
     from .engine import Engine
+    from .tokenskip.serving import adapter_and_ratio, with_cot_ratio  # --adapter, -o cot_ratio (TokenSkip)
 
     try:
+        model, options, cot_ratio = adapter_and_ratio(model, adapter, method_options(option))
         engine = Engine.from_pretrained(
             model, method, draft_model=draft_model, backend=backend, dtype=dtype, device=device,
             draft_length=draft_length, adaptive=adaptive, quantize=quantize, draft_quant=draft_quant,
-            verify=verify, **method_options(option),
+            verify=verify, **options,
         )  # fmt: skip
-        request = [{"role": "user", "content": prompt}] if chat else prompt
+        request = with_cot_ratio([{"role": "user", "content": prompt}] if chat else prompt, cot_ratio)
         args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
         if as_json:
             result = engine.generate(request, **args)
@@ -226,6 +231,7 @@ def _register_optional_commands() -> None:
 
 
 _register_optional_commands()
+app.add_typer(tokenskip_app, name="tokenskip")  # docs/tokenskip.md
 
 
 def main() -> None:

@@ -62,3 +62,9 @@ DRAFT_QUANT_OPTION = typer.Option(None, help=f"Quantize the --draft-model of {_W
 VERIFY_OPTION = typer.Option(
     "exact", help="Acceptance rule: exact (lossless), or specdec (LOSSY, greedy only; -o beta=3 -o tau=1.0)."
 )
+
+# TokenSkip (docs/tokenskip.md): a LoRA adapter merged into --model at load; -o cot_ratio=0.6 writes the ratio into the prompt.
+ADAPTER_OPTION = typer.Option(
+    None, help="A LoRA adapter folder (peft), merged into --model at load (cached); with -o cot_ratio=G the prompt "
+    "asks a TokenSkip adapter for a chain of thought G times as long. See docs/tokenskip.md.",
+)  # fmt: skip

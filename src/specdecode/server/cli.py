@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ..cli_options import (  # the options shared with `generate`
+    ADAPTER_OPTION,
     ADAPTIVE_OPTION, BACKEND_OPTION, DEVICE_OPTION, DRAFT_LENGTH_OPTION, DRAFT_MODEL_OPTION, DTYPE_OPTION,
     DRAFT_QUANT_OPTION, METHOD_OPTION, METHOD_OPTIONS_OPTION, MODEL_OPTION, QUANTIZE_OPTION, VERIFY_OPTION, fail,
     method_options,
@@ -61,6 +62,7 @@ def serve(
     ),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: torch's choice)."),
     log_level: str = typer.Option("info", help="uvicorn log level: debug, info, warning, error."),
+    adapter: Optional[str] = ADAPTER_OPTION,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     from ..engine import Engine
@@ -77,9 +79,11 @@ def serve(
 
         torch.set_num_threads(threads)
     try:
+        from ..tokenskip.serving import serve_model  # --adapter: merged at load (TokenSkip)
+
         engine = Engine.from_pretrained(
-            model, method, draft_model=draft_model, backend=backend, dtype=dtype, device=device,
-            draft_length=draft_length, adaptive=adaptive, quantize=quantize, draft_quant=draft_quant,
+            serve_model(model, adapter, option), method, draft_model=draft_model, backend=backend, dtype=dtype,
+            device=device, draft_length=draft_length, adaptive=adaptive, quantize=quantize, draft_quant=draft_quant,
             verify=verify, **method_options(option),
         )  # fmt: skip
         kv_bytes = opt.size("kv_cache_memory", kv_cache_memory) if kv_cache_memory is not None else default_kv_budget()
