@@ -357,14 +357,6 @@ class QuantLinear(Linear):
             y = y[:, :n]
         return y if self.bias is None else y + self.bias
 
-    def check_rows(self, name: str, activations: torch.Tensor | None = None) -> invariance.RowCheck:
-        stand_in = torch.empty((1, 1), dtype=self.dtype, device=self.device).expand(self.shape)
-        result = invariance.check_linear(
-            self._apply, stand_in, name=name, kernel=self.kernel, dtype=self.dtype, activations=activations,
-            fingerprint=self.fingerprint,
-        )  # fmt: skip
-        self.max_rows = result.chunk_rows
-        return result
 
 
 # ---- whole models ---------------------------------------------------------------------------------
