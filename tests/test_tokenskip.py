@@ -546,8 +546,30 @@ def test_serving_helpers(stories_path):
     assert with_cot_ratio("Q?", 0.5) == prompts.format_user("Q?", 0.5) + "\n"
     assert with_cot_ratio("Q?", None) == "Q?"
     assert serve_model(str(stories_path), None, ["max_ngram=3"]) == str(stories_path)
-    with pytest.raises(InvalidArgument, match="cot_ratio: serve does not"):
+    with pytest.raises(InvalidArgument, match="cot_ratio: serve takes the ratio per request"):
         serve_model(str(stories_path), None, ["cot_ratio=0.6"])
+
+
+def test_server_writes_a_requests_cot_ratio_into_its_prompt(stories_path):
+    """The OpenAI request field ``cot_ratio``: the completion is the engine's for the prompt
+    formatted the TokenSkip way; out of (0, 1] it is a 400 naming the field."""
+    from fastapi.testclient import TestClient
+
+    from specdecode import Engine
+    from specdecode.server import create_app
+    from specdecode.tokenskip.serving import with_cot_ratio
+
+    engine = Engine.from_pretrained(stories_path, "pld", progress=False)
+    question = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+    want = engine.generate(with_cot_ratio(question, 0.6), max_new_tokens=12).text
+    plain = engine.generate(question, max_new_tokens=12).text
+    with TestClient(create_app(engine, model_name="m", max_num_seqs=1)) as c:
+        body = {"model": "m", "prompt": question, "max_tokens": 12, "temperature": 0}
+        r = c.post("/v1/completions", json={**body, "cot_ratio": 0.6})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+        assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == plain
+        bad = c.post("/v1/completions", json={**body, "cot_ratio": 1.5})
+        assert bad.status_code in (400, 422) and "cot_ratio" in bad.text
 
 
 def test_run_pipeline_goes_on_from_what_is_done(stories_path, tmp_path, gsm_file):

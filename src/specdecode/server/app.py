@@ -32,6 +32,7 @@ from starlette.requests import ClientDisconnect
 from ..batching import BatchLimits
 from .. import checks as opt
 from ..errors import InvalidArgument
+from ..tokenskip.serving import with_cot_ratio
 from .metrics import BatchStats, Metrics
 from .prompts import PromptEncoder, fit_max_tokens
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, Formatter, speculative, validation_error
@@ -133,7 +134,7 @@ class ServerState:
         if not w.alive:
             raise _unavailable()
         try:
-            ids = await self.prompts.encode(prompt)
+            ids = await self.prompts.encode(with_cot_ratio(prompt, req.cot_ratio))
             max_tokens = fit_max_tokens(len(ids), self.engine.target.max_length, max_tokens, default_max_tokens)
         except InvalidArgument as e:
             raise _to_api_error(e, chat=chat) from None

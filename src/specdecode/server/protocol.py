@@ -206,6 +206,9 @@ class _Common(BaseModel):
     logit_bias: Optional[dict[str, float]] = None
     response_format: Optional[dict[str, Any]] = None  # only {"type": "text"}, the default
     user: Optional[str] = None  # accepted and ignored
+    # TokenSkip (docs/tokenskip.md): the chain-of-thought ratio a TokenSkip adapter is asked for,
+    # written into the prompt (the last user message of a chat) the way it was trained.
+    cot_ratio: Optional[float] = Field(None, gt=0, le=1)
     # UNSUPPORTED_OPENAI_PARAMS: refused unless null or empty
     tool_choice: Any = None
     parallel_tool_calls: Any = None

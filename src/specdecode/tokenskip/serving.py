@@ -39,14 +39,14 @@ def with_cot_ratio(request, ratio: float | None):
 
 
 def serve_model(model: str, adapter: str | None, options: list[str] | None) -> str:
-    """``serve --adapter``: the model folder to serve. A per-request ratio is not applied by the
-    server yet, so ``-o cot_ratio`` is refused there rather than ignored."""
+    """``serve --adapter``: the model folder to serve. The ratio is a request's own (the field
+    ``cot_ratio``), so a server-wide ``-o cot_ratio`` is refused rather than ignored."""
     from ..errors import InvalidArgument
 
     if any(o.split("=", 1)[0].strip().replace("-", "_") == "cot_ratio" for o in options or []):
         raise InvalidArgument(
-            "cot_ratio", "serve does not write a ratio into requests yet; put it in the prompt "
-            "(specdecode.tokenskip.format_user(question, ratio)) or use `specdecode generate -o cot_ratio=...`"
+            "cot_ratio", "serve takes the ratio per request: send the field \"cot_ratio\": 0.6 with each request "
+            "(or put it in the prompt with specdecode.tokenskip.format_user(question, ratio))"
         )  # fmt: skip
     if adapter is None:
         return model
