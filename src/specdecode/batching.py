@@ -166,14 +166,6 @@ class BatchRequest:
     def finished(self) -> bool:
         return self.status == "done"
 
-    @property
-    def drafter(self):
-        return self.state.drafter if self.state is not None else None
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.state.tokens if self.state is not None else list(self.prompt_ids)
-
 
 @dataclass
 class _Plan:
@@ -204,7 +196,7 @@ class BatchScheduler:
         self.cache = BatchedCache(engine.target, limits.max_num_seqs)
         self.max_batch_tokens = limits.max_batch_tokens or self._default_budget()
         self.prefill_chunk = limits.prefill_chunk
-        self.kv_bytes_per_token = engine.target.new_cache(1).bytes_per_token
+        self.kv_bytes_per_token = engine.target.cache.bytes_per_token
         self.waiting: list[BatchRequest] = []
         self.running: list[BatchRequest] = []
         self._ids = itertools.count()
@@ -287,11 +279,11 @@ class BatchScheduler:
     def _finish(self, req: BatchRequest, reason: str) -> str:
         """Close ``req``: its result, its slot back. Returns the text released now."""
         tail = req.output.close()
-        req.drafter.end()  # e.g. suffix: the answer joins the shared store for later requests
+        req.state.drafter.end()  # e.g. suffix: the answer joins the shared store for later requests
         stats = req.stats
         stats.new_tokens = len(req.output.ids)
         stats.total_time = time.perf_counter() - req.t_start
-        stats.method = {**req.drafter.stats(), **req.state.sizing.stats(), "batched": True,
+        stats.method = {**req.state.drafter.stats(), **req.state.sizing.stats(), "batched": True,
                         "max_batch_tokens": self.max_batch_tokens, "max_num_seqs": self.max_num_seqs}  # fmt: skip
         req.result = GenerationResult(req.output.text, list(req.output.ids), list(req.prompt_ids), reason, stats)
         req.finish_reason = reason

@@ -164,18 +164,11 @@ class Request:
         self.tokens.extend(new)
         self.generated += len(new)
         self.drafter.update(self.tokens, len(path), draft)
-        self._learn(draft, path)
+        self.acceptance.learn_verdict(draft, path)
         verify_seconds = forward_seconds + (t_verdict - t)
         draft_seconds = plan.draft_seconds + (time.perf_counter() - t_verdict)
         self.sizing.record(StepRecord(plan.start, plan.proposed, draft, path, len(new), draft_seconds, verify_seconds))
         return Step(tuple(new), len(plan.proposed), len(draft), len(path), draft_seconds, verify_seconds)
-
-    def _learn(self, draft: Draft, path: list[int]) -> None:
-        """Every node whose parent was accepted is a verdict on the drafter's confidence."""
-        reached, on_path, depths = {-1} | set(path), set(path), draft.depths()
-        for i, parent in enumerate(draft.parents):
-            if parent in reached:
-                self.acceptance.learn(draft.confidence[i] if draft.confidence else None, depths[i], i in on_path)
 
 
 def decode(target: Backend, request: Request, rule: VerifyRule) -> Iterator[Prefill | Step]:

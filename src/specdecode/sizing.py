@@ -115,6 +115,14 @@ class AcceptanceModel:
             c[0] = c[0] * self.decay + accepted
             c[1] = c[1] * self.decay + 1
 
+    def learn_verdict(self, draft: Draft, path: list[int]) -> None:
+        """A step's verdict: every node whose parent was accepted was tested; those on the
+        accepted ``path`` passed."""
+        reached, on_path, depths = {-1} | set(path), set(path), draft.depths()
+        for i, parent in enumerate(draft.parents):
+            if parent in reached:
+                self.learn(draft.confidence[i] if draft.confidence else None, depths[i], i in on_path)
+
     def path_probabilities(self, draft: Draft) -> list[float]:
         """Each node's probability of being accepted with all its ancestors."""
         depths = draft.depths()
@@ -230,15 +238,7 @@ class PayoffSizing:
             self.plain_steps += 1
         if self.guard is not None:
             self.guard.record(drafted, step.emitted, step.draft_seconds + step.verify_seconds)
-        # Every node whose parent was accepted was tested; those on the path passed.
-        draft = step.verified
-        on_path = set(step.accepted)
-        reached = {-1} | on_path
-        depths = draft.depths()
-        for i, p in enumerate(draft.parents):
-            if p in reached:
-                conf = draft.confidence[i] if draft.confidence else None
-                self.acceptance.learn(conf, depths[i], i in on_path)
+        self.acceptance.learn_verdict(step.verified, step.accepted)
 
     def stats(self) -> dict:
         return {"sizing": self.name, "plain_steps_total": self.plain_steps,

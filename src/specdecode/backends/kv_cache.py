@@ -27,12 +27,6 @@ class KVCache:
         self.k = self.v = torch.empty(0)
         self._allocate(min(block, max_length))
 
-    @classmethod
-    def like(cls, other: "KVCache") -> "KVCache":
-        """An empty cache of the same model (its own memory)."""
-        layers, heads, hd = other._shape
-        return cls(layers, heads, hd, other.max_length, dtype=other.dtype, device=other.device, block=other.block)
-
     @torch.inference_mode(False)
     def _allocate(self, capacity: int) -> None:
         # Ordinary tensors even when a forward (in inference mode) grows the cache: rolling a

@@ -321,7 +321,7 @@ class NativeBackend(Backend):
         return weights
 
     def twin(self, weights) -> "NativeBackend":
-        return self.with_cache(KVCache.like(self.cache), weights)
+        return self.with_cache(self.new_cache(self.cache.max_length), weights)
 
     @property
     def cache_bytes(self) -> int:

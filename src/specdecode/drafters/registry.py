@@ -173,13 +173,6 @@ class MethodSpec:
     options: dict[str, Any] = field(default_factory=dict)  # a single method's; a hybrid takes none
     rule: VerifyRule = field(default_factory=VerifyRule)
 
-    @property
-    def batchable(self) -> bool:
-        return all(m.batchable for m in self.parts)
-
-    def needs(self, need: str) -> bool:
-        return any(getattr(m, need) for m in self.parts)
-
 
 def parse(method: str, options: dict[str, Any] | None = None, verify: str | None = "exact") -> MethodSpec:
     """``method`` (a name or a hybrid ``A+B``), its options and the acceptance rule, checked
