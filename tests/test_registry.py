@@ -15,7 +15,8 @@ def test_methods_and_their_needs():
     assert registry.names(self_drafting=True) == ["swift", "quant"]
     assert registry.names(batchable=False) == ["swift"]  # its skip set is tuned on one sequence
     assert registry.names(batchable=True) == ["vanilla", "sps", "pld", "quant", "suffix", "recycle", "suffix+recycle",
-                                              "lookahead", "rest"]  # fmt: skip
+                                              "lookahead", "rest", "eagle", "medusa", "specdec-drafter"]  # fmt: skip
+    assert registry.names(trained_head=True) == ["eagle", "medusa", "specdec-drafter"]
     assert registry.names(datastore=True) == ["rest"]
     assert set(registry.names(reads_text=True)) == {"suffix", "suffix+recycle", "rest"}
     assert registry.names(lossless=False) == []

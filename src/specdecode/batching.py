@@ -310,7 +310,11 @@ class BatchScheduler:
         plans = self._plan()
         t0 = time.perf_counter()
         segments = [self._segment(p) for p in plans]
-        logits = self.cache.forward(segments)
+        layers = self.engine.drafter.hidden_layers or None  # a trained head reads hidden states
+        if layers:
+            logits, hidden = self.cache.forward(segments, hidden_layers=layers)
+        else:
+            logits, hidden = self.cache.forward(segments), [None] * len(segments)
         synchronize(self.engine.target.device)
         forward_seconds = time.perf_counter() - t0
         self.steps += 1
@@ -321,15 +325,17 @@ class BatchScheduler:
             "tokens": sum(int(s.ids.shape[0]) for s in segments),
             "per_request": {p.request.id: (p.kind, len(p.ids) if p.kind == "prefill" else len(p.draft)) for p in plans},
         }  # fmt: skip
-        for plan, lg in zip(plans, logits):
+        for plan, lg, hid in zip(plans, logits, hidden):
             req = plan.request
             if plan.kind == "prefill":
+                if hid is not None:
+                    req.state.drafter.observe_hidden(hid)
                 req.prefilled += len(plan.ids)
                 req.stats.add(Prefill(forward_seconds))
                 if req.prefilled == len(req.prompt_ids) - 1:
                     req.status = "decode"
                 continue
-            out = self._verify(plan, lg, forward_seconds)
+            out = self._verify(plan, lg, forward_seconds, hid)
             if out is not None:
                 outputs.append(out)
         return outputs
@@ -389,13 +395,13 @@ class BatchScheduler:
         ids, positions, tree_mask = plan.step.block(req.state.tokens[-1])
         return Segment(req.slot, ids, positions=positions, tree_mask=tree_mask)
 
-    def _verify(self, plan: _Plan, logits: torch.Tensor, forward_seconds: float) -> StepOutput | None:
+    def _verify(self, plan: _Plan, logits: torch.Tensor, forward_seconds: float, hidden=None) -> StepOutput | None:
         """The request's step settled (``Request.settle``, as a lone request's), then its text,
         stop strings and statistics (as ``Engine._generation``)."""
         req, eng = plan.request, self.engine
         slot = req.slot
         record = req.state.settle(plan.step, logits, eng.verify, lambda start, rows: self.cache.keep(slot, start, rows),
-                                  forward_seconds)  # fmt: skip
+                                  forward_seconds, hidden)  # fmt: skip
         new = list(record.tokens)
         if not req.stats.first_token_time:
             req.stats.first_token_time = time.perf_counter() - req.t_start

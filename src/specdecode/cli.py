@@ -108,9 +108,13 @@ def list_models():
     """List the known model names and whether each is in the cache."""
     from .hub import KNOWN_MODELS, models_dir
 
+    from .heads.store import list_cached
+
     for m in KNOWN_MODELS.values():
         here = (models_dir() / m.name / "config.json").exists()
         print(f"{m.name:22} {'cached ' if here else 'not yet'}  {m.description}")
+    for model, kind, folder in list_cached():
+        print(f"{model:22} drafter  {kind} head in {folder} (specdecode train-drafter)")
 
 
 @app.command()
@@ -220,7 +224,7 @@ def _register_optional_commands() -> None:
     """Subcommands of other features register here (bench, serve)."""
     import importlib
 
-    for module in ("specdecode.bench.cli", "specdecode.server.cli"):
+    for module in ("specdecode.bench.cli", "specdecode.server.cli", "specdecode.heads.cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -149,16 +149,20 @@ class Request:
         return Plan(start, proposed, draft, time.perf_counter() - t)
 
     def settle(self, plan: Plan, logits: torch.Tensor, rule: VerifyRule, keep: Callable[[int, list[int]], None],
-               forward_seconds: float) -> Step:  # fmt: skip
+               forward_seconds: float, hidden: torch.Tensor | None = None) -> Step:  # fmt: skip
         """The verdict on ``plan`` from the verification forward's ``logits`` (row 0: after the
         root; row i + 1: after draft node i): accept, keep the path's rows in the cache
         (``keep(start, rows)``), let the drafter observe and learn, emit. Returns the step's
-        record; ``forward_seconds`` is the forward's time (shared by a batch)."""
+        record; ``forward_seconds`` is the forward's time (shared by a batch). ``hidden``: the
+        forward's hidden states (rows as the logits'), for a drafter that reads them."""
         draft = plan.draft
         t = time.perf_counter()
         path, nxt = rule.verify(draft, logits, self.params, self.generator)
-        keep(plan.start, [0] + [n + 1 for n in path])
+        rows = [0] + [n + 1 for n in path]
+        keep(plan.start, rows)
         t_verdict = time.perf_counter()
+        if hidden is not None:
+            self.drafter.observe_hidden(hidden[rows])
         self.drafter.observe(self.tokens[-1], draft, logits)
         new = emitted_tokens(draft, path, nxt, self.eos_ids, self.max_new_tokens - self.generated)
         self.tokens.extend(new)
@@ -176,15 +180,25 @@ def decode(target: Backend, request: Request, rule: VerifyRule) -> Iterator[Pref
     per verification forward, until ``max_new_tokens``, an EOS, or the end of the context."""
     request.begin(target.device)
     target.reset()
+    layers = request.drafter.hidden_layers or None  # the drafter reads hidden states (a trained head)
     t0 = time.perf_counter()
     if len(request.tokens) > 1:
-        target.forward(torch.tensor(request.tokens[:-1]), logits_rows=None)
+        out = target.forward(torch.tensor(request.tokens[:-1]), logits_rows=None, **hidden_args(layers))
+        if layers:
+            request.drafter.observe_hidden(out[1])
     synchronize(target.device)
     yield Prefill(time.perf_counter() - t0)
     while not request.stopped and target.length < target.max_length:
         plan = request.plan(target.length, target.max_length)
         ids, positions, tree_mask = plan.block(request.tokens[-1])
         t = time.perf_counter()
-        logits = target.forward(ids, positions=positions, tree_mask=tree_mask)
+        out = target.forward(ids, positions=positions, tree_mask=tree_mask, **hidden_args(layers))
+        logits, hidden = out if layers else (out, None)
         synchronize(target.device)
-        yield request.settle(plan, logits, rule, target.keep, time.perf_counter() - t)
+        yield request.settle(plan, logits, rule, target.keep, time.perf_counter() - t, hidden)
+
+
+def hidden_args(layers: tuple[int, ...] | None) -> dict:
+    """The forward's keyword for a drafter's hidden states (none at all for the others, so that
+    a backend without the argument still serves them)."""
+    return {"hidden_layers": layers} if layers else {}

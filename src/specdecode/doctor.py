@@ -132,6 +132,7 @@ def run_doctor(
     target = engine.target
     report["model"] = {"name": model, "backend": target.name, "dtype": str(target.dtype).removeprefix("torch."),
                        "device": str(target.device)}  # fmt: skip
+    report["drafters"] = trained_drafters(engine.model_name)
     checks = getattr(target, "row_checks", None)
     report["row_checks"] = [asdict(c) | {"reason": c.reason} for c in checks] if checks else None
     report["exactness_cost"] = exactness_cost(target)
@@ -154,6 +155,25 @@ def run_doctor(
     return report
 
 
+def trained_drafters(model_name: str) -> list[dict[str, Any]]:
+    """The heads cached for this model (``specdecode train-drafter``): kind, folder, bytes and
+    what their training reported."""
+    import json
+
+    from .heads.store import list_cached
+
+    out = []
+    for model, kind, folder in list_cached():
+        if model != model_name:
+            continue
+        config = json.loads((folder / "config.json").read_text()).get("specdecode", {})
+        report = folder / "report.json"
+        acc = json.loads(report.read_text()).get("mean_accepted_tokens") if report.is_file() else None
+        out.append({"kind": kind, "folder": str(folder), "bytes": sum(f.stat().st_size for f in folder.glob("model.safetensors")),
+                    "draft_vocab": config.get("draft_vocab_size"), "held_out_mean_accepted_tokens": acc})  # fmt: skip
+    return out
+
+
 def format_report(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -174,6 +194,9 @@ def format_report(report: dict[str, Any]) -> str:
             shape = "x".join(map(str, c["shape"]))
             lines.append(f"  {c['name']:<18} {shape:<14} {c['kernel']:<14} {c['invariant_rows']:>9} {c['pad_rows']:>4} "
                          f"{c['chunk_rows']:>6}  {c['reason']}{' (cached)' if c['cached'] else ''}")  # fmt: skip
+    for d in report.get("drafters") or []:
+        lines.append(f"  trained drafter: {d['kind']} head, {d['bytes'] / 2**20:.1f} MiB, draft vocabulary {d['draft_vocab']}, "
+                     f"held-out mean accepted tokens {d['held_out_mean_accepted_tokens']} ({d['folder']})")  # fmt: skip
     cost = report["exactness_cost"]
     if cost:
         lines.append(

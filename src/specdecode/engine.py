@@ -149,7 +149,7 @@ class Engine:
                 backend=self.backend_name, draft_quant=draft_quant, progress=progress,
             )  # fmt: skip
 
-        context = registry.BuildContext(self.target, self.tokenizer, draft_model_loader)
+        context = registry.BuildContext(self.target, self.tokenizer, draft_model_loader, self.model_name)
         drafter = registry.build(spec, context, _shared)  # auto's arms share drafters (one quantized copy)
         rule = spec.rule
         engine = Engine(

@@ -47,6 +47,7 @@ class Backend:
     supports_tree: bool = False
     supports_skip: bool = False
     supports_self_draft: bool = False  # the self-drafting interface below
+    supports_hidden: bool = False  # forward(hidden_layers=...) hands back hidden states
     length: int = 0
 
     def forward(
@@ -57,7 +58,8 @@ class Backend:
         tree_mask: torch.Tensor | None = None,
         skip: SkipSet | None = None,
         logits_rows: torch.Tensor | slice | None = slice(None),
-    ) -> torch.Tensor | None:
+        hidden_layers: tuple[int, ...] | None = None,
+    ):
         """Append ``input_ids`` ([T]) to the cache and return logits ([len(rows), vocab], float32).
 
         positions: [T] position ids; default ``length + arange(T)``.
@@ -65,6 +67,11 @@ class Backend:
             j (its ancestors and itself). Default: causal. Tokens always see the whole cache.
         skip: sub-layers to skip (only where ``supports_skip``).
         logits_rows: which of the T rows need logits; ``None`` computes none (prefill).
+        hidden_layers: where ``supports_hidden``, also return the block's hidden states, as
+            ``(logits, hidden)`` with hidden [T, len(hidden_layers), D] in the model's dtype;
+            numbered as transformers' ``output_hidden_states`` (i < num_layers: the input of
+            decoder layer i; num_layers: the last layer's output after the final norm). The
+            trained drafters read them: the verification forward's by-product, no extra forward.
         """
         raise NotImplementedError
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..errors import InvalidArgument
 from ..checks import integer
 from .invariance import ROWWISE_MAX_BLOCK
-from .kernels import attention, attention_mask, attention_rowwise, rms_norm, rotate, row_plans
+from .kernels import attention, attention_mask, attention_rowwise, rms_norm, rotate, row_plans, stack_hidden
 from .native import NativeBackend
 
 
@@ -144,11 +144,12 @@ class BatchedCache:
         return out
 
     @torch.inference_mode()
-    def forward(self, segments: list[Segment]) -> list[torch.Tensor | None]:
+    def forward(self, segments: list[Segment], hidden_layers: tuple[int, ...] | None = None):
         """Append every segment to its slot's cache in one forward; per segment, its logits
-        ([n, vocab], float32) or None."""
+        ([n, vocab], float32) or None. With ``hidden_layers`` (as ``Backend.forward``): the
+        pair (logits per segment, hidden states per segment)."""
         if not segments:
-            return []
+            return ([], []) if hidden_layers else []
         target, cfg = self.target, self.target.config
         slots = [s.slot for s in segments]
         if len(set(slots)) != len(slots):
@@ -189,7 +190,10 @@ class BatchedCache:
         scale = 1.0 / (hd**0.5)
 
         x = F.embedding(ids, target.embed)  # [N, D]
+        captured: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(target.layers):
+            if hidden_layers and i in hidden_layers:
+                captured[i] = x
             h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
             qkv = self._linear(layer.qkv, h, groups)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -220,7 +224,16 @@ class BatchedCache:
         for seg, n, start in zip(segments, sizes, starts):
             self.caches[seg.slot].length = start + n
 
-        # Logits: rows of short segments together in invariant chunks, long ones on their own.
+        out = self._logits(x, segments, bounds, sizes, rowwise)
+        if not hidden_layers:
+            return out
+        hidden = stack_hidden(hidden_layers, captured, rms_norm(x, target.norm, cfg.rms_norm_eps), len(target.layers))
+        return out, [hidden[lo:hi] for lo, hi in bounds]
+
+    def _logits(self, x, segments, bounds, sizes, rowwise) -> list[torch.Tensor | None]:
+        """The logits of the segments that ask for them: rows of short segments together in
+        invariant chunks, long ones on their own."""
+        target, cfg = self.target, self.target.config
         wanted = [j for j, s in enumerate(segments) if s.logits]
         out: list[torch.Tensor | None] = [None] * len(segments)
         if not wanted:

@@ -17,6 +17,7 @@ from .base import Backend, SkipSet
 
 class HFBackend(Backend):
     name = "hf"
+    supports_hidden = True
 
     def __init__(
         self,
@@ -59,7 +60,8 @@ class HFBackend(Backend):
         tree_mask: torch.Tensor | None = None,
         skip: SkipSet | None = None,
         logits_rows: torch.Tensor | slice | None = slice(None),
-    ) -> torch.Tensor | None:
+        hidden_layers: tuple[int, ...] | None = None,
+    ):
         if tree_mask is not None:
             raise NotImplementedError("the hf backend verifies chain drafts only (no tree mask)")
         if skip:
@@ -75,8 +77,16 @@ class HFBackend(Backend):
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1 if logits_rows is None else 0,
+            output_hidden_states=bool(hidden_layers),
         )
         self.length += n
+        if hidden_layers:
+            states = out.hidden_states
+            for i in hidden_layers:
+                if not 0 <= i < len(states):
+                    raise ValueError(f"hidden_layers: {i} is not a hidden state of this model (0..{len(states) - 1})")
+            hidden = torch.stack([states[i][0] for i in hidden_layers], dim=1)
+            return (None if logits_rows is None else out.logits[0][logits_rows].float()), hidden
         if logits_rows is None:
             return None
         return out.logits[0][logits_rows].float()

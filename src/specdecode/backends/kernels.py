@@ -24,6 +24,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
+def stack_hidden(hidden_layers, captured: dict[int, torch.Tensor], normed: torch.Tensor, num_layers: int) -> torch.Tensor:
+    """The hidden states named by ``hidden_layers`` (transformers' ``output_hidden_states``
+    numbering: i < num_layers is the input of decoder layer i, 0 the embeddings; num_layers the
+    last layer's output after the final norm) as one [rows, len(hidden_layers), D] tensor."""
+    parts = []
+    for i in hidden_layers:
+        if not 0 <= i <= num_layers:
+            raise ValueError(f"hidden_layers: {i} is not a hidden state of a {num_layers}-layer model (0..{num_layers})")
+        parts.append(normed if i == num_layers else captured[i])
+    return torch.stack(parts, dim=1)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Attention of q [H, T, hd] over k, v [KV, L, hd] (grouped-query), in float32, one matmul
     for the whole block: for long blocks (prefill) and scoring, where exactness per row is not

@@ -34,7 +34,7 @@ from . import invariance
 from .base import Backend, SkipSet
 from .config import NativeConfig
 from .invariance import ROWWISE_MAX_BLOCK
-from .kernels import Linear, attention, attention_mask, attention_rowwise, can_pack, rms_norm, rotate, row_plans
+from .kernels import Linear, attention, attention_mask, attention_rowwise, can_pack, rms_norm, rotate, row_plans, stack_hidden
 from .kv_cache import KVCache
 
 
@@ -138,6 +138,7 @@ class NativeBackend(Backend):
     supports_tree = True
     supports_skip = True
     supports_self_draft = True
+    supports_hidden = True
 
     def __init__(
         self,
@@ -345,7 +346,8 @@ class NativeBackend(Backend):
         logits_rows: torch.Tensor | slice | None = slice(None),
         context: int | None = None,
         weights=None,
-    ) -> torch.Tensor | None:
+        hidden_layers: tuple[int, ...] | None = None,
+    ):
         """See ``Backend.forward``. Native only: ``context`` limits what the block sees of the
         cache to its first ``context`` tokens (scoring a layer set on text already decoded,
         without disturbing the cache); ``weights`` (``layers`` and ``lm_head``, e.g. a
@@ -376,7 +378,10 @@ class NativeBackend(Backend):
 
         x = F.embedding(input_ids, self.embed)  # [n, D]
         end = start + n
+        captured: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(layers):
+            if hidden_layers and i in hidden_layers:
+                captured[i] = x
             if i not in skip_attn:
                 h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
                 qkv = layer.qkv(h)
@@ -401,6 +406,11 @@ class NativeBackend(Backend):
                 gate, up = layer.gate_up(h).chunk(2, dim=-1)
                 x = x + layer.down(F.silu(gate) * up)
         self.length = end
+        if hidden_layers:
+            normed = rms_norm(x, self.norm, cfg.rms_norm_eps)
+            hidden = stack_hidden(hidden_layers, captured, normed, len(layers))
+            logits = None if logits_rows is None else lm_head(normed[logits_rows]).float()
+            return logits, hidden
         if logits_rows is None:
             return None
         x = rms_norm(x[logits_rows], self.norm, cfg.rms_norm_eps)

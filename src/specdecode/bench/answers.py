@@ -53,6 +53,7 @@ def make_record(question, method: str, model: str, config: dict[str, Any], turns
         choice[key] = [t[key] for t in turns]
     choice["first_token_time"] = [t.get("first_token_time") for t in turns]
     choice["verified_draft_tokens"] = [t.get("verified_draft_tokens") for t in turns]
+    choice["drafter_bytes"] = [t.get("drafter_bytes") for t in turns]
     return {
         "question_id": question.question_id,
         "category": question.category,

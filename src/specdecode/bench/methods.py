@@ -161,6 +161,7 @@ class TurnOutput:
     accepted_draft_tokens: int | None = None
     first_token_seconds: float | None = None  # until the first step's tokens (prompt included)
     verified_draft_tokens: int | None = None  # of the drafted tokens, those sent to verification
+    drafter_bytes: int | None = None  # memory the drafter adds to the target's (weights, caches)
 
 
 class OurMethod:
@@ -174,5 +175,5 @@ class OurMethod:
         s = result.stats
         return TurnOutput(
             list(result.token_ids), s.target_forwards, list(s.accept_lengths), s.drafted_tokens, s.accepted_draft_tokens,
-            s.first_token_time, s.verified_draft_tokens,
+            s.first_token_time, s.verified_draft_tokens, self.engine.drafter.nbytes,
         )

@@ -205,6 +205,11 @@ def summarize(answers: Answers, baseline: str, methods: list[str] | None = None)
             for b in r["choices"][0].get("peak_memory") or [] if b is not None
         ]  # fmt: skip
         peak[m] = max(values) if values else None
+    drafter = {}
+    for m in methods:
+        values = [b for by_method in answers.values() for r in by_method.get(m, [])
+                  for b in r["choices"][0].get("drafter_bytes") or [] if b is not None]  # fmt: skip
+        drafter[m] = max(values) if values else None
     return {
         "baseline": baseline,
         "runs": sorted(answers),
@@ -214,6 +219,7 @@ def summarize(answers: Answers, baseline: str, methods: list[str] | None = None)
         "incomplete_questions": incomplete,
         "results": results,
         "peak_memory_bytes": peak,
+        "drafter_bytes": drafter,
         "lossy": {
             m: rule for m in methods
             if (rule := lossy_rule([r for by_method in answers.values() for r in by_method.get(m, [])]))

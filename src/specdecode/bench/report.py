@@ -158,8 +158,9 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         if c.get("drafted_tokens"):
             lines.append(f"| {m} | {c['drafted_tokens']} | {c.get('verified_draft_tokens') if c.get('verified_draft_tokens') is not None else '-'} "
                          f"| {_pct(c.get('acceptance_rate'))} |")  # fmt: skip
-    lines += ["", "## Peak memory", "", "| method | peak memory |", "|---|---|"]
-    lines += [f"| {m} | {_mib(summary['peak_memory_bytes'].get(m))} |" for m in summary["methods"]]
+    lines += ["", "## Peak memory", "", "| method | peak memory | drafter's own |", "|---|---|---|"]
+    lines += [f"| {m} | {_mib(summary['peak_memory_bytes'].get(m))} | {_mib((summary.get('drafter_bytes') or {}).get(m))} |"
+              for m in summary["methods"]]  # fmt: skip
     lines += [
         "",
         f"![speedup]({SPEEDUP_PLOT})",

@@ -253,7 +253,7 @@ class BenchWorker:
                 "wall_time": wall, "accept_lengths": out.accept_lengths, "token_ids": out.token_ids,
                 "drafted_tokens": out.drafted_tokens, "accepted_draft_tokens": out.accepted_draft_tokens,
                 "first_token_time": out.first_token_seconds, "verified_draft_tokens": out.verified_draft_tokens,
-                "peak_memory": self.memory.peak(),
+                "peak_memory": self.memory.peak(), "drafter_bytes": out.drafter_bytes,
             })  # fmt: skip
         spec = self.specs[method]
         name = model_id(cfg.model_name, method, self.dtype_name, cfg.temperature)

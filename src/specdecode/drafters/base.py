@@ -49,6 +49,17 @@ class Drafter:
         (given its ancestors). Called every step, before ``update``; drafters that learn from
         the target's distributions (token recycling, lookahead's Jacobi window) override it."""
 
+    # The target's hidden states this drafter reads (``Backend.forward``'s ``hidden_layers``
+    # numbering); empty: none. A drafter that names some is handed them for every token that
+    # enters the target's cache (``observe_hidden``), from the forwards the decoding step runs
+    # anyway: the trained heads (eagle, medusa, specdec) draft from them.
+    hidden_layers: tuple[int, ...] = ()
+
+    def observe_hidden(self, hidden: torch.Tensor) -> None:
+        """The target's hidden states [rows, len(hidden_layers), D] of the tokens that just
+        entered its cache, in order: the prompt's after the prefill, the accepted path's (the
+        root and the accepted nodes) after each verification."""
+
     def update(self, tokens: list[int], num_accepted: int, draft: Draft) -> None:
         """The verdict: ``num_accepted`` nodes of ``draft`` were kept; ``tokens`` is the new sequence."""
 

@@ -41,6 +41,16 @@ class HybridDrafter(Drafter):
             self._from_second += 1
         return draft
 
+    @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        return self.first.hidden_layers or self.second.hidden_layers
+
+    def observe_hidden(self, hidden) -> None:
+        # Both follow the target's cache whichever drafted: a head needs every token's features.
+        for part in (self.first, self.second):
+            if part.hidden_layers:
+                part.observe_hidden(hidden)
+
     def observe(self, root, draft, logits) -> None:
         self.first.observe(root, draft, logits)  # free by-products: both may learn from them
         self.second.observe(root, draft, logits)

@@ -23,6 +23,7 @@ from typing import Any
 from ..errors import InvalidArgument
 from ..verification import VerifyRule
 from .base import Drafter, VanillaDrafter
+from .eagle import EagleDrafter, MedusaDrafter, SpecDecDrafter
 from .lookahead import LookaheadDrafter
 from .pld import PromptLookupDrafter
 from .quant import QuantDrafter
@@ -53,6 +54,9 @@ class Method:
     datastore: bool = False
     # Reads text with the target's tokenizer (a corpus, a datastore): built with ``tokenizer=``.
     reads_text: bool = False
+    # Drafts with a trained head over the target's hidden states (``specdecode train-drafter``):
+    # built with the model's name, to find the head cached for it.
+    trained_head: bool = False
     # The batch scheduler can run a copy of its drafter per request (``Drafter.fork``): the
     # factory marks the drafters it builds. Not swift, whose skip set is tuned on one sequence.
     batchable: bool = True
@@ -68,6 +72,8 @@ class Method:
             options.setdefault("tree", context.target.supports_tree)
         if self.reads_text:
             options.setdefault("tokenizer", context.tokenizer)  # e.g. to read a corpus
+        if self.trained_head:
+            options.setdefault("model_name", context.model_name)
         make = self.drafter.create
         if self.draft_model:  # a draft model's drafter is built on that model, not the target
             model = context.draft_model()
@@ -96,6 +102,10 @@ REGISTRY: dict[str, Method] = {
         Method("lookahead", LookaheadDrafter),  # needs the native backend's tree verification
         # The tokenizer checks that the datastore speaks the target's tokens.
         Method("rest", RestDrafter, trees=True, datastore=True, reads_text=True),
+        # Trained heads over the target's hidden states (heads/; specdecode train-drafter).
+        Method("eagle", EagleDrafter, trees=True, trained_head=True),
+        Method("medusa", MedusaDrafter, trees=True, trained_head=True),
+        Method("specdec-drafter", SpecDecDrafter, trees=True, trained_head=True),
     )
 }
 
@@ -179,7 +189,9 @@ def parse(method: str, options: dict[str, Any] | None = None, verify: str | None
     once (InvalidArgument naming the argument at fault)."""
     options = dict(options or {})
     parts = tuple(components(method))
-    if len(parts) > 1 and options and set(options) - {"beta", "tau"}:
+    # A hybrid takes no options of its parts', but the head of a part that drafts with one.
+    hybrid_ok = {"beta", "tau"} | ({"drafter"} if any(p.trained_head for p in parts) else set())
+    if len(parts) > 1 and options and set(options) - hybrid_ok:
         raise InvalidArgument("method_options", f"hybrid {method!r}: options go to its methods one at a time; none are taken here")
     rule = VerifyRule.parse(verify, options)  # takes beta and tau out of the options
     return MethodSpec(method, parts, options, rule)
@@ -193,6 +205,7 @@ class BuildContext:
     target: Any  # backends.Backend
     tokenizer: Any = None
     draft_model: Callable[[], Any] | None = None
+    model_name: str = ""  # the target's short name (where its trained heads are cached)
 
 
 def build(spec: MethodSpec, context: BuildContext, built: dict[str, Drafter] | None = None) -> Drafter:
@@ -204,7 +217,8 @@ def build(spec: MethodSpec, context: BuildContext, built: dict[str, Drafter] | N
     drafters = []
     for method in spec.parts:
         if method.name not in built:
-            built[method.name] = method.build(context, spec.options)
+            options = spec.options if len(spec.parts) == 1 or method.trained_head else {}
+            built[method.name] = method.build(context, options)
         drafters.append(built[method.name])
     return drafters[0] if len(drafters) == 1 else HybridDrafter(*drafters)
 
