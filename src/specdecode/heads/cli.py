@@ -28,6 +28,7 @@ def train_drafter(
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
     seed: int = typer.Option(0, "--seed"),
+    prompts_share: float = typer.Option(0.07, "--prompts-share", help="Share of the time budget, at most, for --synthesize."),
     capture: bool = typer.Option(False, "--capture/--no-capture", help="Keep the hidden states of the answering forwards "
                                  "(no second pass over the data; for large models, where that pass costs as much as answering)."),
     data_from: Optional[str] = typer.Option(None, "--data-from", help="Reuse another train-drafter run's prompts, answers "
@@ -44,7 +45,8 @@ def train_drafter(
         settings = TrainSettings(model=model, kind=kind, out=folder, prompts=list(prompts), synthesize=synthesize,
                                  max_prompts=max_prompts, answer_tokens=answer_tokens, draft_vocab=draft_vocab or None,
                                  ttt_steps=ttt_steps, blocks=blocks, time_budget=time_budget, max_tokens=max_tokens, lr=lr,
-                                 threads=threads, seed=seed, data_from=data_from, capture=capture)  # fmt: skip
+                                 threads=threads, seed=seed, data_from=data_from, capture=capture,
+                                 prompts_share=prompts_share)  # fmt: skip
         report = run(settings)
     except SpecDecodeError as e:
         fail(str(e))

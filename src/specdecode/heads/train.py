@@ -63,6 +63,7 @@ class TrainSettings:
     seed: int = 0
     method: str = "pld"  # how the answers are decoded (exact: the target's own text either way)
     max_num_seqs: int = 16
+    prompts_share: float = 0.07  # of the time budget, at most, for prompts the model writes
     answers_share: float = 0.5  # of the time budget, prompts and answers together (features and training get the rest)
     data_from: str | None = None  # another run's folder: its prompts, answers and features, reused
     capture: bool = False  # features from the answering forwards (no prefill pass; prompt positions unsupervised)
@@ -424,6 +425,14 @@ def train_head(head, seqs, settings: TrainSettings, folder: Path, deadline: floa
                                                  (head.cfg.blocks if head.cfg.kind == "specdec" else 1))  # fmt: skip
     if head.cfg.kind == "eagle1":
         steps = settings.ttt_steps
+    # A few sequences held out from training: the head kept is the one that agrees with the
+    # target best on them (the data is small; past a few epochs a head memorises it), and
+    # training stops when that stops improving.
+    val_every, patience = 20, 6
+    held = sorted(random.Random(settings.seed + 7).sample(range(len(seqs)), max(1, len(seqs) // 20))) if len(seqs) > 20 else []
+    val = [seqs[i] for i in held]
+    seqs = [s for i, s in enumerate(seqs) if i not in set(held)]
+    best = state.get("best") or {"score": -1.0, "step": 0}
     total_data = sum(s["ids"].shape[0] for s in seqs)
     budget_tokens = settings.max_tokens
     it = batches(seqs, settings.seq_len, settings.batch_tokens, rng)
@@ -468,16 +477,71 @@ def train_head(head, seqs, settings: TrainSettings, folder: Path, deadline: floa
                                "accuracy": acc, "lr": lr})  # fmt: skip
         bar.update(n_pos)
         bar.set_postfix(loss=f"{loss_sum / max(n_pos, 1):.3f}", acc="/".join(f"{a:.2f}" for a in acc), epoch=f"{state['tokens'] / total_data:.1f}")
+        if val and state["step"] % val_every == 0:
+            t_val = time.time()
+            score = validate(head, val, t2d, head.cfg.blocks if isinstance(head, MedusaHead) else steps, settings)
+            state["seconds"] += time.time() - t_val
+            state["curve"][-1]["validation"] = score
+            if score > best["score"]:
+                best = {"score": score, "step": state["step"]}
+                torch.save(head.state_dict(), str(folder / "best.pt"))
+            state["best"] = best
+            if state["step"] - best["step"] >= patience * val_every:
+                break  # no better on held-out sequences for a while: it is memorising
         if time.time() - last_save > 180:
             torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "state": state}, str(ckpt))
             last_save = time.time()
     bar.close()
     head.eval()
     torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "state": state}, str(ckpt))
+    if val and (folder / "best.pt").is_file():
+        head.load_state_dict(torch.load(str(folder / "best.pt"), map_location="cpu", weights_only=True), strict=False)
     (folder / "loss_curve.json").write_text(json.dumps(state["curve"]) + "\n")
     return {"steps": state["step"], "tokens": state["tokens"], "seconds": round(state["seconds"], 1),
             "epochs": round(state["tokens"] / max(total_data, 1), 2),
-            "final_accuracy": state["curve"][-1]["accuracy"] if state["curve"] else []}  # fmt: skip
+            "final_accuracy": state["curve"][-1]["accuracy"] if state["curve"] else [],
+            "best_validation": best, "validation_sequences": len(val)}  # fmt: skip
+
+
+@torch.no_grad()
+def validate(head, val: list[dict], t2d: torch.Tensor, steps: int, settings: TrainSettings) -> float:
+    """Expected accepted draft tokens on held-out sequences under a chain of ``steps``: the
+    sum over depths of the share of positions whose first d steps all agree with the target."""
+    head.eval()
+    agree_all, positions = torch.zeros(steps), 0
+    for seq in val:
+        n = min(seq["ids"].shape[0], settings.seq_len)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.dtype == "bfloat16"):
+            hits = chain_hits(head, seq, 0, n, t2d, steps)
+        if hits is None:
+            continue
+        agree_all += hits.cumprod(dim=0).sum(dim=1)
+        positions += hits.shape[1]
+    head.train()
+    return round(float(agree_all.sum()) / max(positions, 1), 4)
+
+
+def chain_hits(head, seq: dict, lo: int, hi: int, t2d: torch.Tensor, steps: int) -> torch.Tensor | None:
+    """[steps, T] (float): whether step j's top token at position i is the target's own (its
+    label known and in the draft vocabulary)."""
+    ids = seq["ids"][lo:hi].long()
+    n = ids.shape[0]
+    if n < steps + 2:
+        return None
+    T = n - 1
+    pad = max(steps, head.cfg.blocks)
+    labels_t = seq["argmax"][lo:hi].long()
+    lab = torch.where(labels_t[1:] >= 0, t2d[labels_t[1:].clamp(min=0)], -100)
+    lab = torch.cat([lab, torch.full((pad,), -100, dtype=torch.long)])
+    tok = torch.cat([ids[1:], torch.zeros(pad, dtype=torch.long)])
+    feats = head.fuse(seq["hidden"][lo:hi].float()[:T])
+    if isinstance(head, MedusaHead):
+        logits = head(feats)
+        outs = [logits[:, j] for j in range(min(steps, logits.shape[1]))]
+    else:
+        outs = [o[0] for o in head.unrolled(feats[None], tok[None, : T + steps - 1], steps)]
+    rows = [(o.argmax(-1) == lab[j : j + T]) & (lab[j : j + T] >= 0) for j, o in enumerate(outs)]
+    return torch.stack(rows).float()
 
 
 # ---- the pipeline --------------------------------------------------------------------------------
@@ -510,7 +574,10 @@ def run(settings: TrainSettings, progress: bool = True) -> dict:
     if settings.data_from:
         share_data(Path(settings.data_from).expanduser(), folder)
     state = State(folder)
-    start = time.time() - state.spent()
+    spent = state.spent()
+    if not state.done("train") and (folder / "checkpoint.pt").is_file():  # a training killed midway counts too
+        spent += torch.load(str(folder / "checkpoint.pt"), map_location="cpu", weights_only=False)["state"]["seconds"]
+    start = time.time() - spent
     deadline = start + settings.time_budget
     engine = Engine.from_pretrained(settings.model, method=settings.method, progress=progress)
     target, tok = engine.target, engine.tokenizer
@@ -527,7 +594,7 @@ def run(settings: TrainSettings, progress: bool = True) -> dict:
             prompts = prompts[: settings.max_prompts]
         if settings.synthesize:
             prompts += synthesize_prompts(engine, settings.synthesize, settings.seed, settings.max_num_seqs,
-                                          start + 0.07 * settings.time_budget)  # fmt: skip
+                                          start + settings.prompts_share * settings.time_budget)  # fmt: skip
             random.Random(settings.seed + 1).shuffle(prompts)
         prompts = list(dict.fromkeys(prompts))
         pfile.write_text(json.dumps({"train": prompts[HELD_OUT:], "held_out": prompts[:HELD_OUT]}, indent=1))
@@ -600,7 +667,7 @@ def run(settings: TrainSettings, progress: bool = True) -> dict:
         t = time.time()
         report_reserve = min(300.0, 0.08 * settings.time_budget)
         info = train_head(head, seqs, settings, folder, deadline - report_reserve)
-        state.add("train", time.time() - t)
+        state.add("train", max(info["seconds"], time.time() - t))  # all of training, earlier runs' included
         state.finish("train", **info)
     else:
         saved = torch.load(str(folder / "checkpoint.pt"), map_location="cpu", weights_only=False)
