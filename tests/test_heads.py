@@ -22,6 +22,8 @@ from specdecode.heads.model import HeadConfig, eagle3_layers
 from specdecode.heads.store import load_head, save_head
 from specdecode.heads.train import TrainSettings, draft_vocabulary, extract_features, load_features, new_head, train_head
 
+from .test_lossless_sampling import PROMPT, V, chi_square_p, exact_joint, joint_counts, small_vocab  # noqa: F401 (a fixture)
+
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Ben went to the park", "One day, a bird"]
 METHOD = {"eagle3": "eagle", "eagle1": "eagle", "specdec": "specdec-drafter", "medusa": "medusa"}
 
@@ -58,7 +60,6 @@ def trained(kind: str, stories_engine, features, folder, seconds: float = 6.0):
     settings = TrainSettings(model="stories", kind=kind, prompts=["x"], ttt_steps=2, lr=3e-3, batch_tokens=1024,
                              seq_len=256, dtype="float32")  # fmt: skip
     train_head(head, seqs, settings, folder, time.time() + seconds)
-    head.embed = head.target_lm_head = None
     save_head(head.eval(), folder)
     return folder
 
@@ -117,32 +118,15 @@ def test_drafting_sees_what_training_computed(stories_engine, heads, features):
     assert torch.allclose(head.logits(out[0]), unrolled[1][0, n - 2], atol=1e-4)
 
 
-def test_sampling_keeps_the_targets_distribution(heads, stories_engine):
+def test_sampling_keeps_the_targets_distribution(small_vocab, tmp_path):
     """Chi-square on the first two tokens' joint distribution, as test_lossless_sampling does
-    for the other methods (its small-vocabulary model, a head trained for it)."""
-    pytest.importorskip("scipy")
-    from .test_lossless_sampling import PROMPT, V, chi_square_p, exact_joint, joint_counts
-
-    from .conftest import make_tiny_model
-
-    import tempfile
-    from pathlib import Path
-
-    root = Path(tempfile.mkdtemp())
-    target_path = make_tiny_model(root / "target", "llama", seed=7, vocab_size=V, hidden_size=32, intermediate_size=48,
-                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(target_path), dtype=torch.float32)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(0.15)
-    model.save_pretrained(str(target_path))
+    for the other methods, on its small-vocabulary model; the head is an untrained one started
+    from that target (new_head), whose tree drafts are both accepted and rejected."""
+    target_path, _ = small_vocab
     base = Engine.from_pretrained(target_path, progress=False)
-    cfg = HeadConfig.for_target(base.target, "eagle3")
-    head = new_head(base.target, cfg, torch.arange(V))
-    head.embed = head.target_lm_head = None
-    save_head(head, root / "head")
-    eng = base.with_method("eagle", drafter=str(root / "head"), sizing="fixed", draft_length=6)
+    head = new_head(base.target, HeadConfig.for_target(base.target, "eagle3"), torch.arange(V))
+    save_head(head, tmp_path / "head")
+    eng = base.with_method("eagle", drafter=str(tmp_path / "head"), sizing="fixed", draft_length=6)
     params = SamplingParams(temperature=1.0)
     counts = joint_counts(eng, params, draws=4000)
     p = chi_square_p(counts, exact_joint(target_path, params))
@@ -155,13 +139,25 @@ def test_sampling_keeps_the_targets_distribution(heads, stories_engine):
 
 
 def proposals(engine, folder, method="eagle"):
+    """What ``method`` with the head in ``folder`` decodes on the prompts: tokens, accepted
+    draft tokens and accepted lengths per step (the same head proposes the same drafts)."""
     eng = engine.with_method(method, drafter=str(folder), sizing="fixed", draft_length=10)
-    d = eng.drafter
     out = []
     for p in PROMPTS:
         r = eng.generate(p, max_new_tokens=30)
         out.append((r.token_ids, r.stats.accepted_draft_tokens, r.stats.accept_lengths))
-    return out, d
+    return out
+
+
+def assert_reads_back(engine, original, folder, config: dict, state: dict, weights_file: str = "model.safetensors"):
+    """``state`` and ``config`` written to ``folder`` as a published layout hold them, then
+    read back into a drafter that decodes exactly as the ``original`` head's."""
+    (folder / "config.json").write_text(json.dumps(config))
+    if weights_file.endswith(".safetensors"):
+        save_file(state, str(folder / weights_file))
+    else:
+        torch.save(state, str(folder / weights_file))
+    assert proposals(engine, original) == proposals(engine, folder)
 
 
 def _state(folder):
@@ -179,11 +175,7 @@ def test_eagle3_reference_layout_loads_back(stories_engine, heads, tmp_path):
     assert published["architectures"] == ["LlamaForCausalLMEagle3"] and published["draft_vocab_size"] == 256
     assert state["d2t"].dtype == torch.int64 and state["t2d"].dtype == torch.bool and state["t2d"].sum() == 256
     assert {k.split(".")[0] for k in state} >= {"fc", "midlayer", "norm", "lm_head"}
-    (tmp_path / "config.json").write_text(json.dumps(published))
-    save_file(state, str(tmp_path / "model.safetensors"))
-    a, _ = proposals(stories_engine, heads["eagle3"])
-    b, _ = proposals(stories_engine, tmp_path)
-    assert a == b
+    assert_reads_back(stories_engine, heads["eagle3"], tmp_path, published, state)
 
 
 def test_speculators_layout_loads_back(stories_engine, heads, tmp_path):
@@ -204,11 +196,7 @@ def test_speculators_layout_loads_back(stories_engine, heads, tmp_path):
         "speculators_config": {"algorithm": "eagle3", "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 3}],
                                "verifier": {"name_or_path": "stories260k"}},
     }  # fmt: skip
-    (tmp_path / "config.json").write_text(json.dumps(spec))
-    save_file(state, str(tmp_path / "model.safetensors"))
-    a, _ = proposals(stories_engine, heads["eagle3"])
-    b, _ = proposals(stories_engine, tmp_path)
-    assert a == b
+    assert_reads_back(stories_engine, heads["eagle3"], tmp_path, spec, state)
 
 
 def test_eagle1_layout_loads_back(stories_engine, heads, tmp_path):
@@ -220,11 +208,7 @@ def test_eagle1_layout_loads_back(stories_engine, heads, tmp_path):
     assert not any(k.startswith("layers.0.input_layernorm") for k in state)
     state["embed_tokens.weight"] = stories_engine.target.embed.clone()
     published = {k: v for k, v in config.items() if k != "specdecode"} | {"bias": True}
-    (tmp_path / "config.json").write_text(json.dumps(published))
-    torch.save(state, str(tmp_path / "pytorch_model.bin"))
-    a, _ = proposals(stories_engine, heads["eagle1"])
-    b, _ = proposals(stories_engine, tmp_path)
-    assert a == b
+    assert_reads_back(stories_engine, heads["eagle1"], tmp_path, published, state, "pytorch_model.bin")
 
 
 def test_medusa_layout_loads_back(stories_engine, tmp_path):

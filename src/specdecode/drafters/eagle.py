@@ -284,20 +284,19 @@ class MedusaDrafter(HeadDrafter):
         self.width = integer("width", width)
         if not tree:
             self.topk = self.width = 1
+        self.count = 0  # the target's hidden states seen this request (only the last is kept)
 
     def observe_hidden(self, hidden: torch.Tensor) -> None:
-        # Only the last feature is ever read: keep one row, counting the rest.
-        feats = self.head.fuse(hidden[-1:].to(self.device, self.dtype))
-        self.count = getattr(self, "count", 0) + hidden.shape[0]
-        self.feats = feats
+        self.feats = self.head.fuse(hidden[-1:].to(self.device, self.dtype))
+        self.count += hidden.shape[0]
 
     def begin(self, prompt_ids):
         super().begin(prompt_ids)
         self.count = 0
 
     def _check_features(self, tokens):
-        if getattr(self, "count", 0) != len(tokens) - 1:
-            raise RuntimeError(f"medusa: the head saw the hidden states of {getattr(self, 'count', 0)} tokens, the target's "
+        if self.count != len(tokens) - 1:
+            raise RuntimeError(f"medusa: the head saw the hidden states of {self.count} tokens, the target's "
                                f"cache holds {len(tokens) - 1}")  # fmt: skip
 
     @torch.inference_mode()

@@ -99,13 +99,8 @@ def _medusa(config: dict, weights, fp) -> tuple[HeadConfig, dict]:
     layers = sorted({int(k.split(".")[1]) for k in weights if k.startswith("0.") and k.endswith(".linear.weight")})
     if len(layers) != 1:
         raise InvalidArgument("drafter", f"Medusa heads of {len(layers)} residual blocks are not supported (one is)")
-    nl = len(layers)
-    # Our module: one block and one vocabulary projection per head (keys "{k}.0.linear.*", "{k}.1.weight").
-    out = {}
-    for k in heads:
-        out[f"{k}.0.linear.weight"] = weights[f"{k}.0.linear.weight"]
-        out[f"{k}.0.linear.bias"] = weights[f"{k}.0.linear.bias"]
-        out[f"{k}.1.weight"] = weights[f"{k}.{nl}.weight"]
+    # One block per head: the file's keys are our module's ("{k}.0.linear.*", "{k}.1.weight").
+    out = {key: weights[key] for k in heads for key in (f"{k}.0.linear.weight", f"{k}.0.linear.bias", f"{k}.1.weight")}
     V = int(out["0.1.weight"].shape[0])
     H = int(out["0.1.weight"].shape[1])
     out["d2t"] = torch.zeros(V, dtype=torch.long)

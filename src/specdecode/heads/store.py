@@ -183,6 +183,4 @@ def load_head(folder: str | Path, target, *, dtype: torch.dtype | None = None) -
         raise ModelLoadError(f"the head in {str(folder)!r} lacks {missing[0]!r}")
     head.to(target.device, dtype)
     head.d2t = head.d2t.long()
-    head.embed = embed
-    head.target_lm_head = lm_head
     return head.eval().requires_grad_(False)

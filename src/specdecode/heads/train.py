@@ -372,37 +372,43 @@ def batches(seqs, seq_len: int, batch_tokens: int, rng: random.Random):
                 group, size = [], 0
 
 
-def sequence_loss(head, seq: dict, lo: int, hi: int, t2d: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[float], int]:
-    """The unrolled loss of one window (summed over positions), per step accuracy counts."""
+def drafted_logits(head, seq: dict, lo: int, hi: int, t2d: torch.Tensor, steps: int):
+    """Per drafting step j, the head's logits [T, Vd] at every position of the window
+    ``lo:hi`` of ``seq`` and what the target wrote there as draft ids [T] (-100: nothing to
+    learn); None for a window too short to draft in. EAGLE-style heads are unrolled ``steps``
+    steps (``EagleHead.unrolled``); Medusa's heads each give one step."""
     ids = seq["ids"][lo:hi].long()
-    feats_in = seq["hidden"][lo:hi].float()
-    labels_t = seq["argmax"][lo:hi].long()
     n = ids.shape[0]
     if n < 2:
-        return torch.zeros(()), [0.0] * steps, 0
+        return None
     T = n - 1
     pad = max(steps, head.cfg.blocks)
+    labels_t = seq["argmax"][lo:hi].long()
     # lab[k] = y_{k+1} as a draft id; -100 outside the draft vocabulary or unknown (-1: a prompt
     # position of features captured while answering, where the target's own token was not computed)
     lab = torch.where(labels_t[1:] >= 0, t2d[labels_t[1:].clamp(min=0)], -100)
     lab = torch.cat([lab, torch.full((pad,), -100, dtype=torch.long)])
     tok = torch.cat([ids[1:], torch.zeros(pad, dtype=torch.long)])
-    total = torch.zeros(())
-    correct = []
+    feats = head.fuse(seq["hidden"][lo:hi].float()[:T])
     if isinstance(head, MedusaHead):
-        logits = head(head.fuse(feats_in[:T]))  # [T, blocks, Vd]; head j predicts y_{i+j+1}
-        for j in range(logits.shape[1]):
-            target = lab[j : j + T]
-            total = total + F.cross_entropy(logits[:, j], target, ignore_index=-100, reduction="sum") * (0.8**j)
-            correct.append(float(((logits[:, j].argmax(-1) == target) & (target >= 0)).sum()))
-        return total, correct, T
-    feat = head.fuse(feats_in[:T])[None]
-    outs = head.unrolled(feat, tok[None, : T + steps - 1], steps)
-    for j, lg in enumerate(outs):
-        target = lab[j : j + T]
-        total = total + F.cross_entropy(lg[0], target, ignore_index=-100, reduction="sum") * (0.8**j)
-        correct.append(float(((lg[0].argmax(-1) == target) & (target >= 0)).sum()))
-    return total, correct, T
+        logits = head(feats)  # [T, blocks, Vd]; head j predicts y_{i+j+1}
+        outs = [logits[:, j] for j in range(logits.shape[1])]
+    else:
+        outs = [o[0] for o in head.unrolled(feats[None], tok[None, : T + steps - 1], steps)]
+    return outs, [lab[j : j + T] for j in range(len(outs))]
+
+
+def sequence_loss(head, seq: dict, lo: int, hi: int, t2d: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[float], int]:
+    """The unrolled loss of one window (summed over positions, step j weighted 0.8^j), per step
+    accuracy counts, and the positions."""
+    got = drafted_logits(head, seq, lo, hi, t2d, steps)
+    if got is None:
+        return torch.zeros(()), [0.0] * steps, 0
+    outs, targets = got
+    total = sum(F.cross_entropy(lg, t, ignore_index=-100, reduction="sum") * (0.8**j)
+                for j, (lg, t) in enumerate(zip(outs, targets)))  # fmt: skip
+    correct = [float(((lg.argmax(-1) == t) & (t >= 0)).sum()) for lg, t in zip(outs, targets)]
+    return total, correct, targets[0].shape[0]
 
 
 def train_head(head, seqs, settings: TrainSettings, folder: Path, deadline: float) -> dict:
@@ -421,10 +427,8 @@ def train_head(head, seqs, settings: TrainSettings, folder: Path, deadline: floa
         head.load_state_dict(saved["head"], strict=False)
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
-    steps = 1 if head.cfg.kind == "medusa" else (settings.ttt_steps if head.cfg.kind == "eagle3" else
-                                                 (head.cfg.blocks if head.cfg.kind == "specdec" else 1))  # fmt: skip
-    if head.cfg.kind == "eagle1":
-        steps = settings.ttt_steps
+    # Drafting steps trained: EAGLE heads' training-time test; SpecDec's block; Medusa's heads.
+    steps = head.cfg.blocks if head.cfg.kind in ("specdec", "medusa") else settings.ttt_steps
     # A few sequences held out from training: the head kept is the one that agrees with the
     # target best on them (the data is small; past a few epochs a head memorises it), and
     # training stops when that stops improving.
@@ -479,7 +483,7 @@ def train_head(head, seqs, settings: TrainSettings, folder: Path, deadline: floa
         bar.set_postfix(loss=f"{loss_sum / max(n_pos, 1):.3f}", acc="/".join(f"{a:.2f}" for a in acc), epoch=f"{state['tokens'] / total_data:.1f}")
         if val and state["step"] % val_every == 0:
             t_val = time.time()
-            score = validate(head, val, t2d, head.cfg.blocks if isinstance(head, MedusaHead) else steps, settings)
+            score = validate(head, val, t2d, steps, settings)
             state["seconds"] += time.time() - t_val
             state["curve"][-1]["validation"] = score
             if score > best["score"]:
@@ -524,24 +528,10 @@ def validate(head, val: list[dict], t2d: torch.Tensor, steps: int, settings: Tra
 def chain_hits(head, seq: dict, lo: int, hi: int, t2d: torch.Tensor, steps: int) -> torch.Tensor | None:
     """[steps, T] (float): whether step j's top token at position i is the target's own (its
     label known and in the draft vocabulary)."""
-    ids = seq["ids"][lo:hi].long()
-    n = ids.shape[0]
-    if n < steps + 2:
+    if seq["ids"][lo:hi].shape[0] < steps + 2:
         return None
-    T = n - 1
-    pad = max(steps, head.cfg.blocks)
-    labels_t = seq["argmax"][lo:hi].long()
-    lab = torch.where(labels_t[1:] >= 0, t2d[labels_t[1:].clamp(min=0)], -100)
-    lab = torch.cat([lab, torch.full((pad,), -100, dtype=torch.long)])
-    tok = torch.cat([ids[1:], torch.zeros(pad, dtype=torch.long)])
-    feats = head.fuse(seq["hidden"][lo:hi].float()[:T])
-    if isinstance(head, MedusaHead):
-        logits = head(feats)
-        outs = [logits[:, j] for j in range(min(steps, logits.shape[1]))]
-    else:
-        outs = [o[0] for o in head.unrolled(feats[None], tok[None, : T + steps - 1], steps)]
-    rows = [(o.argmax(-1) == lab[j : j + T]) & (lab[j : j + T] >= 0) for j, o in enumerate(outs)]
-    return torch.stack(rows).float()
+    outs, targets = drafted_logits(head, seq, lo, hi, t2d, steps)
+    return torch.stack([((lg.argmax(-1) == t) & (t >= 0)).float() for lg, t in list(zip(outs, targets))[:steps]])
 
 
 # ---- the pipeline --------------------------------------------------------------------------------
@@ -672,8 +662,9 @@ def run(settings: TrainSettings, progress: bool = True) -> dict:
     else:
         saved = torch.load(str(folder / "checkpoint.pt"), map_location="cpu", weights_only=False)
         head.load_state_dict(saved["head"], strict=False)
-    head.embed = None
-    head.target_lm_head = None
+    # The float32 copies of the target's embedding and lm_head that training read are not saved
+    # (save_head writes parameters and buffers): dropped here, before the report loads the head.
+    head.embed = head.target_lm_head = None
     head_dir = folder  # the head beside its work files: `-o drafter=OUT` takes the folder itself
     save_head(head.eval(), head_dir, extra={"trained": state.data.get("info", {})})
 
