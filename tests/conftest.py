@@ -14,6 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 # Measurements cached on disk (row invariance, cost curves) go to a fresh folder per test run:
 # tests must neither read a developer's cache nor fill it with tiny random models.
 os.environ["SPECDECODE_CACHE"] = tempfile.mkdtemp(prefix="specdecode-test-cache-")
+# Under pytest-xdist (pyproject's addopts: -n 2) the workers share the cores: each gets its
+# share of threads (and so do the processes tests start), rather than all of them each.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 STORIES = Path(os.environ.get("SPECDECODE_STORIES", REPO.parent / "shared" / "models" / "stories260k"))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 

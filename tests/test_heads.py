@@ -48,8 +48,10 @@ def features(stories_engine, tmp_path_factory):
     return layers, load_features(folder)
 
 
-def trained(kind: str, stories_engine, features, folder, seconds: float = 6.0):
-    """A head of ``kind`` trained for ``seconds`` on the stories, saved in ``folder``."""
+def trained(kind: str, stories_engine, features, folder, tokens: int = 80_000):
+    """A head of ``kind`` trained on ``tokens`` positions of the stories (~75 steps: a few
+    seconds on a quiet 2-core machine), saved in ``folder``. Bounded by positions, not seconds,
+    so that a busy machine trains the same head, only slower."""
     target = stories_engine.target
     layers, seqs = features
     cfg = HeadConfig.for_target(target, kind, draft_vocab_size=256, blocks=3)
@@ -58,8 +60,8 @@ def trained(kind: str, stories_engine, features, folder, seconds: float = 6.0):
     vocab = draft_vocabulary(seqs, cfg.vocab_size, 256)
     head = new_head(target, cfg, vocab)
     settings = TrainSettings(model="stories", kind=kind, prompts=["x"], ttt_steps=2, lr=3e-3, batch_tokens=1024,
-                             seq_len=256, dtype="float32")  # fmt: skip
-    train_head(head, seqs, settings, folder, time.time() + seconds)
+                             seq_len=256, dtype="float32", max_tokens=tokens)  # fmt: skip
+    train_head(head, seqs, settings, folder, time.time() + 600)
     save_head(head.eval(), folder)
     return folder
 

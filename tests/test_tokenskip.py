@@ -426,7 +426,7 @@ def test_bad_input(stories_path, tmp_path, gsm_file):
     from specdecode.tokenskip.compress import compress
     from specdecode.tokenskip.evaluate import evaluate
     from specdecode.tokenskip.merge import merged_model
-    from specdecode.tokenskip.serving import adapter_and_ratio
+    from specdecode.reasoning import ReasoningPrompt
     from specdecode.tokenskip.train import train
 
     empty = tmp_path / "empty"
@@ -443,7 +443,7 @@ def test_bad_input(stories_path, tmp_path, gsm_file):
     with pytest.raises(InvalidArgument, match="lr"):
         train(str(stories_path), str(_work_dir(tmp_path)), lr=-1)
     with pytest.raises(InvalidArgument, match="cot_ratio"):
-        adapter_and_ratio(str(stories_path), None, {"cot_ratio": 2})
+        ReasoningPrompt.from_options({"cot_ratio": 2})
     with pytest.raises(InvalidArgument, match="limit"):
         evaluate(str(stories_path), str(gsm_file), str(tmp_path / "e"), limit=0)
 
@@ -537,17 +537,19 @@ def test_llmlingua2_is_optional():
 
 
 def test_serving_helpers(stories_path):
-    from specdecode.tokenskip.serving import adapter_and_ratio, serve_model, with_cot_ratio
+    from specdecode.reasoning import ReasoningPrompt
+    from specdecode.tokenskip.serving import refuse_server_ratio, with_adapter
 
-    model, options, ratio = adapter_and_ratio(str(stories_path), None, {"cot_ratio": "0.6", "max_ngram": 3})
-    assert (model, options, ratio) == (str(stories_path), {"max_ngram": 3}, 0.6)
+    reasoning, options = ReasoningPrompt.from_options({"cot_ratio": "0.6", "max_ngram": 3})
+    assert (reasoning.cot_ratio, reasoning.suffix, options) == (0.6, None, {"max_ngram": 3})
+    assert with_adapter(str(stories_path), None) == str(stories_path)
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "Q?"}]
-    assert with_cot_ratio(msgs, 0.6)[1]["content"] == prompts.format_user("Q?", 0.6) and msgs[1]["content"] == "Q?"
-    assert with_cot_ratio("Q?", 0.5) == prompts.format_user("Q?", 0.5) + "\n"
-    assert with_cot_ratio("Q?", None) == "Q?"
-    assert serve_model(str(stories_path), None, ["max_ngram=3"]) == str(stories_path)
+    assert reasoning.apply(msgs)[0][1]["content"] == prompts.format_user("Q?", 0.6) and msgs[1]["content"] == "Q?"
+    assert ReasoningPrompt(0.5).apply("Q?") == (prompts.format_user("Q?", 0.5) + "\n", {"cot_ratio": 0.5})
+    assert ReasoningPrompt().apply("Q?") == ("Q?", {})
+    refuse_server_ratio(None)
     with pytest.raises(InvalidArgument, match="cot_ratio: serve takes the ratio per request"):
-        serve_model(str(stories_path), None, ["cot_ratio=0.6"])
+        refuse_server_ratio(0.6)
 
 
 def test_server_writes_a_requests_cot_ratio_into_its_prompt(stories_path):
@@ -557,11 +559,11 @@ def test_server_writes_a_requests_cot_ratio_into_its_prompt(stories_path):
 
     from specdecode import Engine
     from specdecode.server import create_app
-    from specdecode.tokenskip.serving import with_cot_ratio
+    from specdecode.reasoning import ReasoningPrompt
 
     engine = Engine.from_pretrained(stories_path, "pld", progress=False)
     question = "Tom has 3 apples and buys 4 more. How many apples does he have?"
-    want = engine.generate(with_cot_ratio(question, 0.6), max_new_tokens=12).text
+    want = engine.generate(ReasoningPrompt(0.6).apply(question)[0], max_new_tokens=12).text
     plain = engine.generate(question, max_new_tokens=12).text
     with TestClient(create_app(engine, model_name="m", max_num_seqs=1)) as c:
         body = {"model": "m", "prompt": question, "max_tokens": 12, "temperature": 0}

@@ -20,6 +20,7 @@ from .cli_options import (  # ADAPTER_OPTION: TokenSkip's --adapter (docs/tokens
 )  # fmt: skip
 from .errors import SpecDecodeError
 from .tokenskip.cli import app as tokenskip_app
+from .whisper.cli import app as whisper_app
 
 app = typer.Typer(
     add_completion=False,
@@ -55,16 +56,18 @@ def generate(
 ):
     """Generate text and print it with a one-line summary."""
     from .engine import Engine
-    from .tokenskip.serving import adapter_and_ratio, with_cot_ratio  # --adapter, -o cot_ratio (TokenSkip)
+    from .reasoning import ReasoningPrompt  # -o cot_ratio (TokenSkip), -o reasoning_suffix (Whisper)
+    from .tokenskip.serving import with_adapter  # --adapter (TokenSkip)
 
     try:
-        model, options, cot_ratio = adapter_and_ratio(model, adapter, method_options(option))
+        reasoning, options = ReasoningPrompt.from_options(method_options(option))
+        model = with_adapter(model, adapter)
         engine = Engine.from_pretrained(
             model, method, draft_model=draft_model, backend=backend, dtype=dtype, device=device,
             draft_length=draft_length, adaptive=adaptive, quantize=quantize, draft_quant=draft_quant,
             verify=verify, **options,
         )  # fmt: skip
-        request = with_cot_ratio([{"role": "user", "content": prompt}] if chat else prompt, cot_ratio)
+        request, _ = reasoning.apply([{"role": "user", "content": prompt}] if chat else prompt)
         args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
         if as_json:
             result = engine.generate(request, **args)
@@ -236,6 +239,7 @@ def _register_optional_commands() -> None:
 
 _register_optional_commands()
 app.add_typer(tokenskip_app, name="tokenskip")  # docs/tokenskip.md
+app.add_typer(whisper_app, name="whisper")  # docs/whisper.md
 
 
 def main() -> None:

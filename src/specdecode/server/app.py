@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect
 from ..batching import BatchLimits
 from .. import checks as opt
 from ..errors import InvalidArgument
-from ..tokenskip.serving import with_cot_ratio
+from ..reasoning import ReasoningPrompt, check_suffix
 from .metrics import BatchStats, Metrics
 from .prompts import PromptEncoder, fit_max_tokens
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, Formatter, speculative, validation_error
@@ -54,10 +54,12 @@ class _ClientGone(Exception):
 class ServerState:
     def __init__(
         self, engine, *, model_name: str, aliases: tuple[str, ...], api_key: str | None, max_queue: int,
-        limits: BatchLimits | None = None,
+        limits: BatchLimits | None = None, reasoning_suffix: str | None = None,
     ):  # fmt: skip
         limits = limits or BatchLimits(DEFAULT_MAX_NUM_SEQS)
         self.engine = engine
+        # Whisper's suffix for every request that sends none (serve -o reasoning_suffix=...).
+        self.reasoning_suffix = check_suffix(reasoning_suffix)
         self.model_name = model_name
         self.model_ids = {model_name, *aliases}  # names a request may use for the one served model
         self.api_key = api_key
@@ -124,17 +126,27 @@ class ServerState:
             type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"},
         )  # fmt: skip
 
+    def reasoning(self, req) -> ReasoningPrompt:
+        """What the request asks to be written into its prompt: TokenSkip's ratio, and Whisper's
+        suffix (the request's own; "" for none; absent: the server's default)."""
+        suffix = self.reasoning_suffix if req.reasoning_suffix is None else req.reasoning_suffix
+        try:
+            return ReasoningPrompt(req.cot_ratio, check_suffix(suffix))
+        except InvalidArgument as e:
+            raise APIError(400, str(e), param=e.argument, code="invalid_value") from None
+
     async def prepare(
         self, req, prompt, max_tokens: int | None, default_max_tokens: int | None, *, chat: bool
     ) -> GenerationRequest:
-        """Tokenize and check the prompt off the worker thread; the request the worker gets."""
+        """Tokenize and check the prompt off the worker thread; the request the worker gets.
+        ``prompt`` already holds what ``reasoning`` wrote into it."""
         w = self.worker
         if w.queue_length >= w.max_queue or self.prompts.pending >= w.max_queue:
             raise self._busy()  # before spending time on the prompt
         if not w.alive:
             raise _unavailable()
         try:
-            ids = await self.prompts.encode(with_cot_ratio(prompt, req.cot_ratio))
+            ids = await self.prompts.encode(prompt)
             max_tokens = fit_max_tokens(len(ids), self.engine.target.max_length, max_tokens, default_max_tokens)
         except InvalidArgument as e:
             raise _to_api_error(e, chat=chat) from None
@@ -362,6 +374,7 @@ def create_app(
     max_batch_tokens: int | None = None,
     prefill_chunk: int | None = None,
     kv_cache_bytes: int | None = None,
+    reasoning_suffix: str | None = None,
 ) -> FastAPI:
     """An app serving ``engine`` (loaded once); its worker thread runs while the app does.
     Request bodies over ``max_body_bytes`` are refused with 413.
@@ -373,14 +386,15 @@ def create_app(
     the hf backend) run one request at a time, as ``max_num_seqs=1`` does; /health says which and
     why. ``kv_cache_bytes``: what the running requests' KV caches may hold together (a request that
     could never fit is refused with 400, one that does not fit now waits). The limits are checked
-    here, so that a bad one is an error rather than a fallback."""
+    here, so that a bad one is an error rather than a fallback. ``reasoning_suffix``: Whisper's
+    suffix for requests that send no ``reasoning_suffix`` of their own (docs/whisper.md)."""
     if max_queue < 1:
         raise InvalidArgument("max_queue", f"expected an integer >= 1, got {max_queue!r}")
     limits = BatchLimits.make(max_num_seqs, max_batch_tokens, prefill_chunk, kv_cache_bytes)
     opt.integer("max_body_bytes", max_body_bytes)
     state = ServerState(
         engine, model_name=model_name or engine.model_name, aliases=aliases, api_key=api_key or None,
-        max_queue=max_queue, limits=limits,
+        max_queue=max_queue, limits=limits, reasoning_suffix=reasoning_suffix,
     )  # fmt: skip
 
     @asynccontextmanager
@@ -449,8 +463,10 @@ def create_app(
         req = _parse(CompletionRequest, await _read_body(http, max_body_bytes))
         state.check_model(req.model)
         req.check_supported()
-        gen = await state.prepare(req, req.engine_prompt(), req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, chat=False)
-        return await state.generate(http, gen, Formatter(chat=False, model=state.model_name), req.include_usage)
+        prompt, added = state.reasoning(req).apply(req.engine_prompt())
+        gen = await state.prepare(req, prompt, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, chat=False)
+        fmt = Formatter(chat=False, model=state.model_name, prompt_added=added)
+        return await state.generate(http, gen, fmt, req.include_usage)
 
     @v1.post("/chat/completions")
     async def chat_completions(http: Request):
@@ -458,8 +474,10 @@ def create_app(
         state.check_model(req.model)
         req.check_supported()
         messages = [m.engine_message() for m in req.messages]
+        messages, added = state.reasoning(req).apply(messages)
         gen = await state.prepare(req, messages, req.max_new_tokens, None, chat=True)
-        return await state.generate(http, gen, Formatter(chat=True, model=state.model_name), req.include_usage)
+        fmt = Formatter(chat=True, model=state.model_name, prompt_added=added)
+        return await state.generate(http, gen, fmt, req.include_usage)
 
     app.include_router(v1)
 

@@ -79,12 +79,15 @@ def serve(
 
         torch.set_num_threads(threads)
     try:
-        from ..tokenskip.serving import serve_model  # --adapter: merged at load (TokenSkip)
+        from ..reasoning import ReasoningPrompt  # -o reasoning_suffix: the server's default (Whisper)
+        from ..tokenskip.serving import refuse_server_ratio, with_adapter  # --adapter: merged at load (TokenSkip)
 
+        reasoning, options = ReasoningPrompt.from_options(method_options(option))
+        refuse_server_ratio(reasoning.cot_ratio)
         engine = Engine.from_pretrained(
-            serve_model(model, adapter, option), method, draft_model=draft_model, backend=backend, dtype=dtype,
+            with_adapter(model, adapter), method, draft_model=draft_model, backend=backend, dtype=dtype,
             device=device, draft_length=draft_length, adaptive=adaptive, quantize=quantize, draft_quant=draft_quant,
-            verify=verify, **method_options(option),
+            verify=verify, **options,
         )  # fmt: skip
         kv_bytes = opt.size("kv_cache_memory", kv_cache_memory) if kv_cache_memory is not None else default_kv_budget()
         # Clients may name the model as it was given on the command line, too.
@@ -93,6 +96,7 @@ def serve(
             engine, model_name=served_model_name or engine.model_name, aliases=aliases, api_key=api_key,
             max_queue=max_queue, max_body_bytes=max_body_bytes, max_num_seqs=max_num_seqs,
             max_batch_tokens=max_batch_tokens, prefill_chunk=prefill_chunk, kv_cache_bytes=kv_bytes,
+            reasoning_suffix=reasoning.suffix,
         )  # fmt: skip
     except (SpecDecodeError, TypeError) as e:
         fail(str(e))
@@ -104,6 +108,8 @@ def serve(
         err=True, fg=typer.colors.CYAN,
     )  # fmt: skip
     state = app.state.server
+    if state.reasoning_suffix:
+        typer.secho(f"reasoning suffix for requests that send none: {state.reasoning_suffix!r}", err=True, fg=typer.colors.CYAN)
     if state.batch_stats is not None:
         typer.secho(
             f"continuous batching: up to {state.batch_stats.max_num_seqs} requests at once, "

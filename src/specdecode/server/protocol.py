@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import PydanticCustomError
 
 from ..results import GenerationResult
+from ..reasoning import MAX_SUFFIX_CHARS
 
 # ---- errors ---------------------------------------------------------------------------------
 
@@ -209,6 +210,9 @@ class _Common(BaseModel):
     # TokenSkip (docs/tokenskip.md): the chain-of-thought ratio a TokenSkip adapter is asked for,
     # written into the prompt (the last user message of a chat) the way it was trained.
     cot_ratio: Optional[float] = Field(None, gt=0, le=1)
+    # Whisper (docs/whisper.md): a suffix appended to the last user message ("" for none; absent:
+    # the server's -o reasoning_suffix). What was added comes back in the response's usage.
+    reasoning_suffix: Optional[str] = Field(None, max_length=MAX_SUFFIX_CHARS)
     # UNSUPPORTED_OPENAI_PARAMS: refused unless null or empty
     tool_choice: Any = None
     parallel_tool_calls: Any = None
@@ -343,9 +347,14 @@ class ChatCompletionRequest(_Common):
 # ---- responses ------------------------------------------------------------------------------
 
 
-def usage(result: GenerationResult) -> dict[str, int]:
+def usage(result: GenerationResult, prompt_added: dict | None = None) -> dict[str, Any]:
+    """OpenAI's token counts, and (``prompt_added``) what the server wrote into the prompt:
+    ``cot_ratio`` and ``reasoning_suffix``, so that a client sees it."""
     prompt, completion = len(result.prompt_token_ids), len(result.token_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if prompt_added:
+        out["prompt_added"] = dict(prompt_added)
+    return out
 
 
 def speculative(method: str, result: GenerationResult, queue_time: float) -> dict[str, Any]:
@@ -377,8 +386,8 @@ class Formatter:
     (``text`` vs ``message``/``delta``).
     """
 
-    def __init__(self, chat: bool, model: str):
-        self.chat, self.model = chat, model
+    def __init__(self, chat: bool, model: str, prompt_added: dict | None = None):
+        self.chat, self.model, self.prompt_added = chat, model, prompt_added
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -392,7 +401,7 @@ class Formatter:
             choice = {"index": 0, "text": result.text}
         choice.update(logprobs=None, finish_reason=result.finish_reason)
         body = self._envelope("chat.completion" if self.chat else "text_completion", [choice])
-        body.update(usage=usage(result), speculative=spec)
+        body.update(usage=usage(result, self.prompt_added), speculative=spec)
         return body
 
     def chunk(self, text: str | None = None, *, role: bool = False, finish_reason: str | None = None) -> dict[str, Any]:
@@ -408,5 +417,5 @@ class Formatter:
 
     def usage_chunk(self, result: GenerationResult, spec: dict) -> dict[str, Any]:
         body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
-        body.update(usage=usage(result), speculative=spec)
+        body.update(usage=usage(result, self.prompt_added), speculative=spec)
         return body
