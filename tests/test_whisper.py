@@ -175,6 +175,12 @@ def test_search_end_to_end_and_resume(stories_path, tmp_path, gsm_file, endpoint
     # resumed: nothing scored again, the writer (which has no reply left) is not asked again
     again = search(str(stories_path), str(out), **kw)
     assert again["scored_this_run"] == 0 and again["candidates_scored"] == 3 and _Endpoint.replies == []
+    # another starting set into the same folder adds to the pool: nothing earlier is lost or redone
+    more = tmp_path / "more.txt"
+    more.write_text("role-play: You are a terse accountant who writes numbers only.\n")
+    third = search(str(stories_path), str(out), **{**kw, "candidates": str(more)})
+    assert third["candidates_scored"] == 4 and third["scored_this_run"] == 1
+    assert "You are a terse accountant who writes numbers only." in (out / "report.md").read_text()
     with pytest.raises(InvalidArgument, match="out: .*dev=2, not 3"):
         search(str(stories_path), str(out), **{**kw, "dev": 3})
 

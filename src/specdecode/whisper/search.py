@@ -84,6 +84,14 @@ def search(model: str, out: str, *, data: str, dev: int = 50, seed: int = 0, rou
                 "max_new_tokens": max_new_tokens, "dtype": dtype}  # fmt: skip
     check_settings(out_dir / "search_settings.json", settings, "whisper search")
     initial = read_candidates(candidates) if candidates else starting_set()
+    # A folder holds one search: what earlier runs scored stays in it (a second run with another
+    # --candidates file adds to the pool), read back without decoding anything again.
+    earlier = out_dir / "candidates.json"
+    if earlier.is_file():
+        seen = {c.id for c in initial}
+        for c in json.loads(earlier.read_text(encoding="utf-8"))["candidates"]:
+            if c["id"] not in seen:
+                initial.append(Candidate(c["text"], c["angle"], c["round"], c["source"]))
 
     started = time.perf_counter()
     state = {"engine": engine, "scored_now": 0}
