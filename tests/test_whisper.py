@@ -46,6 +46,7 @@ def test_parse_suffixes_reads_what_writers_write():
 3. Write only equations, nothing else.
 4. evidence: Studies show BRIEF solutions are   just as accurate.
 5. ok
+6. "Write the equations, then stop." (accuracy 30%, 304 tokens per answer)
 """
     got = [(c.angle, c.text) for c in parse_suffixes(reply, round=2, source="w")]
     assert got == [
@@ -53,6 +54,7 @@ def test_parse_suffixes_reads_what_writers_write():
         ("role-play", "You are an accountant: write the numbers only."),
         ("consequences", "Long answers are rejected, keep it short!"),
         ("other", "Write only equations, nothing else."),
+        ("other", "Write the equations, then stop."),  # the scores it was shown, echoed, are dropped
     ]  # the heading (ends with ':'), the repeat (case and spacing) and the 1-word line are skipped
     assert {c.round for c in parse_suffixes(reply, round=2)} == {2}
 

@@ -68,6 +68,7 @@ def starting_set() -> list[Candidate]:
 _ITEM = re.compile(r"^\s*(?:[-*•]\s*|\(?\d{1,2}[.):]\s*)?")
 _ANGLE = re.compile(r"^\s*[*_]*\s*\[?(" + "|".join(map(re.escape, ANGLES)) + r")\]?\s*[*_]*\s*[:\-–—]\s*", re.IGNORECASE)
 _QUOTES = "\"'“”‘’`"
+_QUOTED = re.compile(r'^["“](.+?)["”](?:\s*[(\[].*)?$')
 
 
 def parse_suffixes(text: str, *, round: int = 0, source: str = "writer") -> list[Candidate]:
@@ -82,7 +83,11 @@ def parse_suffixes(text: str, *, round: int = 0, source: str = "writer") -> list
         if m:
             angle = m.group(1).lower()
             line = line[m.end() :]
-        line = line.strip().strip("*_").strip().strip(_QUOTES).strip()
+        line = line.strip().strip("*_").strip()
+        quoted = _QUOTED.match(line)
+        if quoted:  # "suffix" (a note after it, such as the scores the writer was shown)
+            line = quoted.group(1)
+        line = line.strip(_QUOTES).strip()
         words = len(line.split())
         if not (MIN_WORDS <= words <= MAX_WORDS) or line.endswith(":"):
             continue
