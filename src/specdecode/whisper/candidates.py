@@ -1,7 +1,8 @@
 """Candidate suffixes: the starting set and the parser for what a writer LLM returns.
 
 The paper's search asks an LLM for suffixes from several persuasion angles; the starting set
-below covers the same angles and was written for this project. A candidate is identified by its
+below covers the same angles (two or three each, appeals and concrete budgets) and was written
+for this project. A candidate is identified by its
 text (normalised: case and spacing ignored), so the same suffix written twice is scored once.
 """
 
@@ -24,6 +25,9 @@ ANGLES = {
 STARTING_SET: tuple[tuple[str, str], ...] = (
     ("instruction", "Be concise: write only the calculations you need, one short line each, then the boxed answer."),
     ("instruction", "Do not restate the problem or explain the obvious; give just the key equations and \\boxed{answer}."),
+    # A concrete budget rather than an appeal: on GSM8K train the best of 17 on Qwen2.5-Coder-0.5B
+    # and 16% fewer tokens at the same accuracy on the 1.5B (BENCHMARKS.md, issue 22).
+    ("instruction", "Answer in at most three short lines."),
     ("evidence", "Tutors find that short, equation-only solutions are as accurate as long explanations, so write only the essential steps."),
     ("evidence", "Strong solvers get this kind of problem right in three or four short lines; extra words add mistakes, not accuracy."),
     ("role-play", "You are a teacher writing an answer key under time pressure: equations only, no sentences."),
@@ -32,6 +36,7 @@ STARTING_SET: tuple[tuple[str, str], ...] = (
     ("emotion", "You are good at this; trust yourself, skip what is obvious and write only the steps that matter."),
     ("consequences", "Every extra word costs time and money: solutions longer than five lines are rejected, so be brief and exact."),
     ("consequences", "Short solutions are graded higher here: a correct answer in the fewest steps earns full marks."),
+    ("consequences", "You have room for 40 words at most; anything longer is cut off before the answer."),
 )
 
 MIN_WORDS, MAX_WORDS = 3, 80
