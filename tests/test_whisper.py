@@ -15,7 +15,7 @@ from specdecode.reasoning import ReasoningPrompt, check_suffix
 from specdecode.tokenskip.prompts import format_user, tokenskip_prompt
 from specdecode.tokenskip.store import read_rows
 from specdecode.whisper.candidates import ANGLES, parse_suffixes, read_candidates, starting_set
-from specdecode.whisper.search import best_of, pareto_front, rank, search, summary_line
+from specdecode.whisper.search import best_of, pareto_front, rank, screened_out, search, summary_line
 from specdecode.whisper.writer import EndpointWriter, writer_messages
 
 PROBLEMS = [
@@ -86,6 +86,39 @@ def test_rank_keeps_accuracy_within_tolerance_and_orders_by_tokens():
     assert best_of(rank([_c("x", 0.6, 400)], base, 0.02), base) is None  # kept but longer than the base
     front = pareto_front([{**base, "text": "base"}, *cands])
     assert [p["text"] for p in front] == ["b", "d", "a", "c"]
+
+
+def test_screening_rule():
+    base = {"accuracy": 0.5, "mean_cot_tokens": 300.0}
+    assert screened_out({"accuracy": 0.9, "mean_cot_tokens": 300.0}, base, 0.15) == "not shorter than the base"
+    assert screened_out({"accuracy": 0.3, "mean_cot_tokens": 100.0}, base, 0.15).startswith("accuracy more than 15 points")
+    assert screened_out({"accuracy": 0.35, "mean_cot_tokens": 100.0}, base, 0.15) is None  # within the slack
+    ranked = rank([{**_c("x", 0.9, 10), "screened_out": "not shorter than the base"}], base, 0.02)
+    assert ranked[0]["kept"] is False and best_of(ranked, base) is None  # never kept on a partial score
+
+
+def test_search_screens_candidates_on_the_first_problems(stories_path, tmp_path, gsm_file):
+    """stories260K writes every answer to the token cap, so no candidate is shorter than the base
+    on the first problem: each is screened out after it, and the other dev problem is never
+    decoded for it; without --screen the same folder scores them on all (reusing the first)."""
+    f = tmp_path / "c.txt"
+    f.write_text("instruction: Answer with the numbers only please.\nemotion: Keep it short, it matters to me.\n")
+    out = tmp_path / "s"
+    kw = dict(data=str(gsm_file), dev=2, seed=1, rounds=0, method="pld", max_num_seqs=1, max_new_tokens=6,
+              dtype="float32", candidates=str(f), progress=False, log=lambda m: None)  # fmt: skip
+    summary = search(str(stories_path), str(out), screen=1, **kw)
+    data = json.loads((out / "candidates.json").read_text())
+    assert summary["screened_out"] == 2 and summary["best"] is None
+    for c in data["candidates"]:
+        assert c["screened_out"] == "not shorter than the base" and c["n"] == 1 and not c["kept"]
+        assert len(read_rows(out / "scores" / c["id"] / "answers-pld-1.0.jsonl")) == 1
+    assert len(read_rows(out / "scores" / "base" / "answers-pld-1.0.jsonl")) == 2  # the base: always all
+    assert "screened out, not shorter than the base" in (out / "report.md").read_text()
+    full = search(str(stories_path), str(out), screen=0, **kw)
+    assert full["screened_out"] == 0 and full["scored_this_run"] == 2
+    assert all(c["n"] == 2 for c in json.loads((out / "candidates.json").read_text())["candidates"])
+    with pytest.raises(InvalidArgument, match="^screen: "):
+        search(str(stories_path), str(out), screen=-1, **kw)
 
 
 def test_writer_messages_show_the_scores_and_the_angles():

@@ -35,7 +35,11 @@ def answers_file(out_dir: Path, method: str, ratio: float) -> Path:
 def evaluate(model: str, data: str, out: str, *, ratios: list[float] = (1.0,), adapter: str | None = None,
              method: str = "vanilla", limit: int | None = None, seed: int | None = None, suffix: str | None = None,
              dtype: str = "auto", device: str = "cpu", max_new_tokens: int = 512, max_num_seqs: int = 1,
-             chunk: int = 1, options: dict | None = None, progress: bool = True, engine=None) -> dict:  # fmt: skip
+             chunk: int = 1, options: dict | None = None, progress: bool = True, engine=None,
+             only: list[int] | None = None) -> dict:  # fmt: skip
+    """``only``: answer and return the report of just these problem indices of the subset (the
+    report files are left alone), the rest left for a later call with the same settings
+    (Whisper's screening of candidates)."""
     ratios = parse_ratios(list(ratios))
     suffix_text = read_suffix(suffix)
     problems = select(load_gsm8k(data), limit, seed=seed)
@@ -44,6 +48,9 @@ def evaluate(model: str, data: str, out: str, *, ratios: list[float] = (1.0,), a
                 "data": str(Path(data).expanduser().resolve()), "limit": limit, "seed": seed, "suffix": suffix_text,
                 "max_new_tokens": max_new_tokens, "dtype": dtype}  # fmt: skip
     check_settings(out_dir / "eval_settings.json", settings, "eval")
+    if only is not None:
+        wanted = set(only)
+        problems = [p for p in problems if p.index in wanted]
     stores = {g: JsonlStore(answers_file(out_dir, method, g), key="index") for g in ratios}
     todo = {g: [p for p in problems if p.index not in stores[g]] for g in ratios}
     remaining = sum(len(v) for v in todo.values())
@@ -80,7 +87,7 @@ def evaluate(model: str, data: str, out: str, *, ratios: list[float] = (1.0,), a
                 stores[g].append(rows)
                 bar.update(len(part))
         bar.close()
-    return write_report(out_dir, [p.index for p in problems], settings)
+    return write_report(out_dir, [p.index for p in problems], settings, save=only is None)
 
 
 def _stats(rows: list[dict]) -> dict:
@@ -100,8 +107,9 @@ def _stats(rows: list[dict]) -> dict:
     }
 
 
-def write_report(out_dir: Path, indices: list[int], settings: dict) -> dict:
-    """Report every (method, gamma) answered in ``out_dir`` on the subset ``indices``."""
+def write_report(out_dir: Path, indices: list[int], settings: dict, save: bool = True) -> dict:
+    """Report every (method, gamma) answered in ``out_dir`` on the subset ``indices`` (written
+    to the report files unless ``save`` is False: a part of the subset is not its report)."""
     out_dir = Path(out_dir)
     wanted = set(indices)
     found: dict[str, dict[float, dict[int, dict]]] = {}
@@ -128,6 +136,8 @@ def write_report(out_dir: Path, indices: list[int], settings: dict) -> dict:
                 entry["compared_with_vanilla"] = len(common)
             results.append(entry)
     report = {"settings": settings, "problems": len(wanted), "results": results}
+    if not save:
+        return report
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     (out_dir / "report.md").write_text(_markdown(report))
     _plot(results, out_dir / "accuracy_vs_tokens.png")

@@ -24,6 +24,8 @@ def search(
     rounds: int = typer.Option(2, help="Rounds of new candidates written by the writer (0: the starting set only)."),
     per_round: int = typer.Option(4, help="New candidates per round."),
     tolerance: float = typer.Option(0.02, help="Keep a candidate when its accuracy is >= the base's minus this."),
+    screen: int = typer.Option(0, help="Score each candidate on the first N dev problems, and on the rest only if it may still win (0: off)."),
+    screen_slack: float = typer.Option(0.15, help="With --screen: drop a candidate whose accuracy there is this far below the base's."),
     candidates: Optional[str] = typer.Option(None, help="Starting set from a file (one suffix per line, `angle: text`)."),
     writer_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint that writes candidates (default: the target)."),
     writer_model: Optional[str] = typer.Option(None, help="Model name at --writer-url (default: the first it lists)."),
@@ -46,6 +48,7 @@ def search(
     try:
         set_threads(threads)
         summary = run(model, out, data=data, dev=dev, seed=seed, rounds=rounds, per_round=per_round, tolerance=tolerance,
+                      screen=screen, screen_slack=screen_slack,
                       method=method, max_num_seqs=max_num_seqs, max_new_tokens=max_new_tokens, dtype=dtype, device=device,
                       options=method_options(option), candidates=candidates, writer_url=writer_url,
                       writer_model=writer_model, writer_key=writer_key, writer_temperature=writer_temperature,

@@ -28,7 +28,7 @@ from pathlib import Path
 from ..errors import InvalidArgument
 from ..tokenskip.data import load_gsm8k, select
 from ..tokenskip.runs import check_positive, check_settings, load_engine, model_label
-from ..tokenskip.store import JsonlStore
+from ..tokenskip.store import JsonlStore, read_rows
 from .candidates import Candidate, normalise, parse_suffixes, read_candidates, starting_set
 
 SHOWN_TO_WRITER = 6
@@ -40,10 +40,11 @@ def _score(report: dict, method: str) -> dict:
 
 
 def rank(scored: list[dict], base: dict, tolerance: float) -> list[dict]:
-    """Every candidate marked ``kept`` (accuracy >= base - tolerance) and ordered: kept ones by
+    """Every candidate marked ``kept`` (scored on the whole dev split, accuracy >= base -
+    tolerance) and ordered: kept ones by
     tokens (then accuracy), then the rest by accuracy (then tokens)."""
     floor = base["accuracy"] - tolerance - 1e-9
-    out = [{**c, "kept": c["accuracy"] >= floor} for c in scored]
+    out = [{**c, "kept": not c.get("screened_out") and c["accuracy"] >= floor} for c in scored]
     return sorted(out, key=lambda c: (not c["kept"], c["mean_cot_tokens"] if c["kept"] else -c["accuracy"],
                                       -c["accuracy"] if c["kept"] else c["mean_cot_tokens"]))  # fmt: skip
 
@@ -62,13 +63,24 @@ def pareto_front(points: list[dict]) -> list[dict]:
     return front
 
 
+def screened_out(first: dict, base_first: dict, slack: float) -> str | None:
+    """Why a candidate scored on the first dev problems only is not worth the rest, or None:
+    it is not shorter than the base there (so it cannot become the best), or its accuracy there
+    is below the base's by more than ``slack`` (a wide margin: a few problems are noisy)."""
+    if first["mean_cot_tokens"] >= base_first["mean_cot_tokens"]:
+        return "not shorter than the base"
+    if first["accuracy"] < base_first["accuracy"] - slack - 1e-9:
+        return f"accuracy more than {100 * slack:.0f} points below the base"
+    return None
+
+
 def search(model: str, out: str, *, data: str, dev: int = 50, seed: int = 0, rounds: int = 2, per_round: int = 4,
-           tolerance: float = 0.02, method: str = "pld", max_num_seqs: int = 8, max_new_tokens: int = 512,
+           tolerance: float = 0.02, screen: int = 0, screen_slack: float = 0.15, method: str = "pld", max_num_seqs: int = 8, max_new_tokens: int = 512,
            dtype: str = "auto", device: str = "cpu", options: dict | None = None, candidates: str | None = None,
            writer=None, writer_url: str | None = None, writer_model: str | None = None, writer_key: str | None = None,
            writer_temperature: float = 0.8, progress: bool = True, engine=None, log=print) -> dict:  # fmt: skip
     """Run (or resume) the search; returns the summary written to ``summary.json``."""
-    from ..tokenskip.evaluate import evaluate
+    from ..tokenskip.evaluate import answers_file, evaluate
 
     check_positive("dev", dev)
     check_positive("per_round", per_round)
@@ -76,6 +88,10 @@ def search(model: str, out: str, *, data: str, dev: int = 50, seed: int = 0, rou
         raise InvalidArgument("rounds", f"expected a non-negative integer, got {rounds!r}")
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance <= 1:
         raise InvalidArgument("tolerance", f"expected an accuracy difference in [0, 1] such as 0.02, got {tolerance!r}")
+    if isinstance(screen, bool) or not isinstance(screen, int) or screen < 0:
+        raise InvalidArgument("screen", f"expected a number of dev problems >= 0 (0: off), got {screen!r}")
+    if isinstance(screen_slack, bool) or not isinstance(screen_slack, (int, float)) or not 0 <= screen_slack <= 1:
+        raise InvalidArgument("screen_slack", f"expected an accuracy difference in [0, 1] such as 0.15, got {screen_slack!r}")
     if not 0 <= writer_temperature <= 2:
         raise InvalidArgument("writer_temperature", f"expected a temperature in [0, 2], got {writer_temperature!r}")
     problems = select(load_gsm8k(data), dev, seed=seed)
@@ -101,13 +117,18 @@ def search(model: str, out: str, *, data: str, dev: int = 50, seed: int = 0, rou
             state["engine"] = load_engine(model, method, dtype=dtype, device=device, options=options, progress=progress)
         return state["engine"]
 
-    def score(suffix: str | None, folder: str) -> dict:
+    # Screening: each candidate is scored on the first ``screen`` dev problems, and on the rest
+    # only when it may still be kept and be the shortest (the same answers are reused).
+    first = [p.index for p in problems[:screen]] if 0 < screen < len(problems) else None
+
+    def score(suffix: str | None, folder: str, only: list[int] | None = None) -> dict:
         target = out_dir / "scores" / folder
-        fresh = not (target / "report.json").exists()
+        answers = answers_file(target, method, 1.0)
+        before = len(read_rows(answers))
         report = evaluate(model, data, str(target), ratios=[1.0], method=method, limit=dev, seed=seed, suffix=suffix,
                           dtype=dtype, device=device, max_new_tokens=max_new_tokens, max_num_seqs=max_num_seqs,
-                          options=options, progress=progress, engine=_Lazy(get_engine))  # fmt: skip
-        state["scored_now"] += fresh
+                          options=options, progress=progress, engine=_Lazy(get_engine), only=only)  # fmt: skip
+        state["scored_now"] += len(read_rows(answers)) > before  # decoded something for it
         return _score(report, method)
 
     written = JsonlStore(out_dir / "written.jsonl", key="round")
@@ -123,6 +144,7 @@ def search(model: str, out: str, *, data: str, dev: int = 50, seed: int = 0, rou
 
     log(f"whisper search: {len(problems)} dev problems, scoring the base prompt")
     base = {"id": "base", "text": "", "angle": "base", "round": 0, "source": "base prompt", **score(None, "base")}
+    base_first = score(None, "base", first) if first else None
     log(f"base: accuracy {100 * base['accuracy']:.1f}%, {base['mean_cot_tokens']:.1f} tokens per answer")
 
     scored: dict[str, dict] = {}
@@ -131,9 +153,17 @@ def search(model: str, out: str, *, data: str, dev: int = 50, seed: int = 0, rou
         for c in cands:
             if c.id in scored:
                 continue
-            s = score(c.text, c.id)
-            scored[c.id] = {**c.to_dict(), **s}
-            log(f"round {c.round} [{c.angle}] accuracy {100 * s['accuracy']:.1f}%, {s['mean_cot_tokens']:.1f} tokens: {c.text}")
+            why = None
+            if first:
+                s = score(c.text, c.id, first)
+                why = screened_out(s, base_first, screen_slack)
+            if why is None:
+                s = score(c.text, c.id)
+            against = base_first if why else base  # tokens compared on the same problems
+            rel = s["mean_cot_tokens"] / against["mean_cot_tokens"] if against["mean_cot_tokens"] else float("nan")
+            scored[c.id] = {**c.to_dict(), **s, "tokens_vs_base": round(rel, 4), "screened_out": why}
+            log(f"round {c.round} [{c.angle}] accuracy {100 * s['accuracy']:.1f}%, {s['mean_cot_tokens']:.1f} tokens"
+                + (f" on the first {s['n']} (screened out: {why})" if why else "") + f": {c.text}")  # fmt: skip
 
     score_all(initial)
     for r in range(1, rounds + 1):
@@ -155,7 +185,9 @@ def search(model: str, out: str, *, data: str, dev: int = 50, seed: int = 0, rou
     ranked = rank(list(scored.values()), base, tolerance)
     best = best_of(ranked, base)
     summary = {
-        "settings": settings, "method": method, "tolerance": tolerance, "base": base, "best": best,
+        "settings": settings, "method": method, "tolerance": tolerance, "screen": screen if first else 0,
+        "screen_slack": screen_slack, "base": base, "best": best,
+        "screened_out": sum(bool(c.get("screened_out")) for c in ranked),
         "candidates_scored": len(scored), "scored_this_run": state["scored_now"],
         "search_minutes_this_run": round((time.perf_counter() - started) / 60, 2),
         "search_minutes_total": round(_scoring_minutes(out_dir), 2),
@@ -170,11 +202,7 @@ def search(model: str, out: str, *, data: str, dev: int = 50, seed: int = 0, rou
 
 def _scoring_minutes(out_dir: Path) -> float:
     """Decoding time over every scored candidate (what the search cost, across resumed runs)."""
-    total = 0.0
-    for report in out_dir.glob("scores/*/report.json"):
-        for e in json.loads(report.read_text())["results"]:
-            total += e["wall_seconds"]
-    return total / 60
+    return sum(r["seconds"] for f in out_dir.glob("scores/*/answers-*.jsonl") for r in read_rows(f)) / 60
 
 
 class _Lazy:
@@ -218,17 +246,19 @@ def _markdown(summary: dict, ranked: list[dict]) -> str:
         "# Whisper search", "",
         f"model `{s['model']}`; dev: {s['dev']} problems of `{s['data']}` (seed {s['seed']}); greedy, "
         f"{s['max_new_tokens']} new tokens at most, decoded with `{summary['method']}` (exact); kept when accuracy "
-        f">= base - {summary['tolerance']}; {summary['candidates_scored']} candidates, "
+        f">= base - {summary['tolerance']}; {summary['candidates_scored']} candidates"
+        + (f" ({summary['screened_out']} screened out on the first {summary['screen']} problems)" if summary["screen"] else "")
+        + ", "
         f"{summary['search_minutes_total']:.1f} min of decoding.", "",
-        "| rank | kept | accuracy | mean CoT tokens | vs base | angle | round | source | suffix |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| - | base | {100 * b['accuracy']:.1f}% | {b['mean_cot_tokens']:.1f} | 1.00x | - | - | - | (none) |",
+        "| rank | kept | n | accuracy | mean CoT tokens | tokens vs base (same problems) | angle | round | source | suffix |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| - | base | {b['n']} | {100 * b['accuracy']:.1f}% | {b['mean_cot_tokens']:.1f} | 1.00x | - | - | - | (none) |",
     ]  # fmt: skip
     for i, c in enumerate(ranked, 1):
-        rel = c["mean_cot_tokens"] / b["mean_cot_tokens"] if b["mean_cot_tokens"] else float("nan")
         text = c["text"].replace("|", "\\|")
-        lines.append(f"| {i} | {'yes' if c['kept'] else 'no'} | {100 * c['accuracy']:.1f}% | {c['mean_cot_tokens']:.1f} | "
-                     f"{rel:.2f}x | {c['angle']} | {c['round']} | {c['source']} | {text} |")  # fmt: skip
+        kept = "yes" if c["kept"] else (f"no: screened out, {c['screened_out']}" if c.get("screened_out") else "no")
+        lines.append(f"| {i} | {kept} | {c['n']} | {100 * c['accuracy']:.1f}% | {c['mean_cot_tokens']:.1f} | "
+                     f"{c['tokens_vs_base']:.2f}x | {c['angle']} | {c['round']} | {c['source']} | {text} |")  # fmt: skip
     lines += ["", summary_line(summary), ""]
     return "\n".join(lines)
 
@@ -241,6 +271,7 @@ def _plot(base: dict, ranked: list[dict], best: dict | None, path: Path) -> bool
         import matplotlib.pyplot as plt
     except ModuleNotFoundError:
         return False
+    ranked = [c for c in ranked if not c.get("screened_out")]  # only whole-split scores compare
     fig, ax = plt.subplots(figsize=(6, 4))
     pts = [base, *ranked]
     ax.scatter([c["mean_cot_tokens"] for c in ranked], [100 * c["accuracy"] for c in ranked], c="tab:blue", label="candidates")

@@ -31,7 +31,8 @@ def writer_messages(base: dict, ranked: list[dict], n: int) -> list[dict]:
     """The request for ``n`` new suffixes: the base prompt's scores, the best so far (``ranked``:
     dicts with text, accuracy, mean_cot_tokens, kept), and the persuasion angles to try."""
     angles = "\n".join(f"- {a}: {what}" for a, what in ANGLES.items())
-    shown = "\n".join(f"{i}. {_line(c)}" + ("" if c.get("kept") else " - accuracy dropped, avoid") for i, c in enumerate(ranked, 1))
+    shown = "\n".join(f"{i}. {_line(c)}" + ("" if c.get("kept") else f" - {c.get('screened_out') or 'accuracy dropped'}, avoid")
+                      for i, c in enumerate(ranked, 1))  # fmt: skip
     user = (
         f"Without a suffix the model gets {100 * base['accuracy']:.0f}% of the problems right and writes "
         f"{base['mean_cot_tokens']:.0f} tokens per answer.\n\n"
