@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from .errors import InvalidArgument
 from .tokenskip.prompts import check_ratio, format_user, read_suffix
 
-PROMPT_OPTIONS = ("cot_ratio", "reasoning_suffix")
 MAX_SUFFIX_CHARS = 2000
 
 

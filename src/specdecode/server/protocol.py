@@ -23,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import PydanticCustomError
 
 from ..results import GenerationResult
-from ..reasoning import MAX_SUFFIX_CHARS
 
 # ---- errors ---------------------------------------------------------------------------------
 
@@ -211,8 +210,9 @@ class _Common(BaseModel):
     # written into the prompt (the last user message of a chat) the way it was trained.
     cot_ratio: Optional[float] = Field(None, gt=0, le=1)
     # Whisper (docs/whisper.md): a suffix appended to the last user message ("" for none; absent:
-    # the server's -o reasoning_suffix). What was added comes back in the response's usage.
-    reasoning_suffix: Optional[str] = Field(None, max_length=MAX_SUFFIX_CHARS)
+    # the server's -o reasoning_suffix; checked in ServerState.reasoning, with the server's own).
+    # What was added comes back in the response's usage.
+    reasoning_suffix: Optional[str] = None
     # UNSUPPORTED_OPENAI_PARAMS: refused unless null or empty
     tool_choice: Any = None
     parallel_tool_calls: Any = None

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import checks as opt
 from ..errors import InvalidArgument
 
 
@@ -22,8 +23,7 @@ def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0):
 def set_threads(threads: int | None) -> None:
     if threads is None:
         return
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise InvalidArgument("threads", f"expected a positive integer, got {threads!r}")
+    opt.integer("threads", threads)
     import torch
 
     torch.set_num_threads(threads)
@@ -43,9 +43,7 @@ def load_engine(model: str, method: str = "vanilla", *, adapter: str | None = No
 
 
 def check_positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgument(name, f"expected a positive integer, got {value!r}")
-    return value
+    return opt.integer(name, value)
 
 
 class Generator:

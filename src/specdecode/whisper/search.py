@@ -25,9 +25,9 @@ import json
 import time
 from pathlib import Path
 
-from ..errors import InvalidArgument
+from .. import checks as opt
 from ..tokenskip.data import load_gsm8k, select
-from ..tokenskip.runs import check_positive, check_settings, load_engine, model_label
+from ..tokenskip.runs import check_settings, load_engine, model_label
 from ..tokenskip.store import JsonlStore, read_rows
 from .candidates import Candidate, normalise, parse_suffixes, read_candidates, starting_set
 
@@ -41,8 +41,8 @@ def _score(report: dict, method: str) -> dict:
 
 def rank(scored: list[dict], base: dict, tolerance: float) -> list[dict]:
     """Every candidate marked ``kept`` (scored on the whole dev split, accuracy >= base -
-    tolerance) and ordered: kept ones by
-    tokens (then accuracy), then the rest by accuracy (then tokens)."""
+    tolerance) and ordered: kept ones by tokens (then accuracy), then the rest by accuracy (then
+    tokens)."""
     floor = base["accuracy"] - tolerance - 1e-9
     out = [{**c, "kept": not c.get("screened_out") and c["accuracy"] >= floor} for c in scored]
     return sorted(out, key=lambda c: (not c["kept"], c["mean_cot_tokens"] if c["kept"] else -c["accuracy"],
@@ -82,18 +82,13 @@ def search(model: str, out: str, *, data: str, dev: int = 50, seed: int = 0, rou
     """Run (or resume) the search; returns the summary written to ``summary.json``."""
     from ..tokenskip.evaluate import answers_file, evaluate
 
-    check_positive("dev", dev)
-    check_positive("per_round", per_round)
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise InvalidArgument("rounds", f"expected a non-negative integer, got {rounds!r}")
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance <= 1:
-        raise InvalidArgument("tolerance", f"expected an accuracy difference in [0, 1] such as 0.02, got {tolerance!r}")
-    if isinstance(screen, bool) or not isinstance(screen, int) or screen < 0:
-        raise InvalidArgument("screen", f"expected a number of dev problems >= 0 (0: off), got {screen!r}")
-    if isinstance(screen_slack, bool) or not isinstance(screen_slack, (int, float)) or not 0 <= screen_slack <= 1:
-        raise InvalidArgument("screen_slack", f"expected an accuracy difference in [0, 1] such as 0.15, got {screen_slack!r}")
-    if not 0 <= writer_temperature <= 2:
-        raise InvalidArgument("writer_temperature", f"expected a temperature in [0, 2], got {writer_temperature!r}")
+    opt.integer("dev", dev)
+    opt.integer("per_round", per_round)
+    opt.integer("rounds", rounds, minimum=0, meaning="0: the starting set only")
+    opt.integer("screen", screen, minimum=0, meaning="0: off")
+    opt.number("tolerance", tolerance, 0.0, 1.0)
+    opt.number("screen_slack", screen_slack, 0.0, 1.0)
+    opt.number("writer_temperature", writer_temperature, 0.0, 2.0)
     problems = select(load_gsm8k(data), dev, seed=seed)
     out_dir = Path(out)
     settings = {"model": model_label(model), "data": str(Path(data).expanduser().resolve()), "dev": dev, "seed": seed,
